@@ -1,0 +1,31 @@
+# make test | make train | make train-all | make tracr | make bench | make clean
+# Every target creates .venv and installs requirements.txt first when they are missing.
+
+PY := .venv/bin/python
+VENV := .venv/.installed
+PROGRAMS ?= reverse sort hist sort_unique frac_prevs count pair_balance
+
+.PHONY: venv test tracr train train-all bench clean
+
+venv: $(VENV)
+
+$(VENV): requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(VENV)
+
+test: $(VENV)
+	$(PY) -m pytest -q test_all.py
+
+# Compiled models of the default program set, as run files.
+tracr: $(VENV)
+	@for p in $(PROGRAMS); do \
+		test -f runs/$${p}_tracr.pt || $(PY) tracr_load.py $$p --out runs/$${p}_tracr.pt || exit 1; \
+	done
+
+bench: $(VENV)
+	$(PY) bench.py
+
+clean:
+	rm -rf runs figures .pytest_cache __pycache__
