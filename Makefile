@@ -16,7 +16,7 @@ $(VENV): requirements.txt
 	touch $(VENV)
 
 test: $(VENV)
-	$(PY) -m pytest -q test_all.py
+	$(PY) -m pytest -q -n 2 test_all.py
 
 # Compiled models of the default program set, as run files.
 tracr: $(VENV)

@@ -72,6 +72,29 @@ def _norm(cfg):
     return nn.LayerNorm(cfg.d_model) if cfg.normalization == "layernorm" else nn.Identity()
 
 
+def attend(x, allowed, W_qkv, b_qkv, W_O, b_O, H, E):
+    """Multi-head attention on x [B, T, D] with Q, K, V of all heads packed in W_qkv [D, 3*H*E].
+
+    Returns (out [B, T, D], pattern [B, H, T, T]). Scores are divided by sqrt(E) and set to the
+    lowest float where `allowed` [B, 1, T, T] is False, as tracr does (with -1e30).
+    """
+    B, T, D = x.shape
+    qkv = torch.addmm(b_qkv, x.reshape(B * T, D), W_qkv).view(B, T, 3, H, E)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, E]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(E)  # [B, H, T, T]
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    pattern = scores.softmax(dim=-1)  # [B, H, T, T]
+    z = (pattern @ v).transpose(1, 2).reshape(B * T, H * E)  # [B*T, H*E]
+    return torch.addmm(b_O, z, W_O).view(B, T, D), pattern
+
+
+def pack_qkv(W_Q, W_K, W_V, b_Q, b_K, b_V):
+    """Per-head [H, D, E] weights -> one [D, 3*H*E] matrix and its [3*H*E] bias."""
+    H, D, E = W_Q.shape
+    W = torch.cat([W_Q, W_K, W_V]).permute(1, 0, 2).reshape(D, 3 * H * E)
+    return W, torch.cat([b_Q, b_K, b_V]).reshape(3 * H * E)
+
+
 class Attention(nn.Module):
     """Multi-head attention with per-head W_Q, W_K, W_V [H, D, E] and W_O [H, E, D]."""
 
@@ -89,19 +112,9 @@ class Attention(nn.Module):
         self.b_O = nn.Parameter(torch.zeros(D))
 
     def forward(self, x, allowed, cache=None, prefix=""):
-        B, T, D = x.shape
         H, E = self.cfg.n_heads, self.cfg.d_head
-        # One matmul for Q, K and V of every head: [D, 3*H*E].
-        W = torch.cat([self.W_Q, self.W_K, self.W_V]).permute(1, 0, 2).reshape(D, 3 * H * E)
-        b = torch.cat([self.b_Q, self.b_K, self.b_V]).reshape(3 * H * E)
-        qkv = torch.addmm(b, x.reshape(B * T, D), W).view(B, T, 3, H, E)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, E]
-
-        scores = q @ k.transpose(-1, -2) / math.sqrt(E)  # [B, H, T, T]
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        pattern = scores.softmax(dim=-1)  # [B, H, T, T]
-        z = (pattern @ v).transpose(1, 2).reshape(B * T, H * E)  # [B*T, H*E]
-        out = torch.addmm(self.b_O, z, self.W_O.reshape(H * E, D)).view(B, T, D)
+        W, b = pack_qkv(self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
+        out, pattern = attend(x, allowed, W, b, self.W_O.reshape(H * E, -1), self.b_O, H, E)
         if self.training and self.cfg.dropout > 0:
             out = F.dropout(out, self.cfg.dropout)
         if cache is not None:
@@ -177,11 +190,57 @@ class Transformer(nn.Module):
         allowed = self.attention_mask(mask, T)
 
         resid = self.W_E[tokens] + self.W_pos[:T]  # [B, T, D]
+        if cache is None and not self.training and not torch.is_grad_enabled():
+            return self._inference(resid, allowed)
         if cache is not None:
             cache["embed"] = resid
         for layer, block in enumerate(self.blocks):
             resid = block(resid, allowed, cache, f"blocks.{layer}.")
         return self.ln_final(resid) @ self.W_U + self.b_U  # [B, T, O]
+
+    def _inference(self, resid, allowed):
+        """The same forward pass without the parts of the weights that are exactly zero.
+
+        tracr pads every layer to the same number of heads and MLP units with zeros and fills
+        unused blocks with zeros: a compiled reverse has 8 blocks of which 4 do anything. Leaving
+        them out adds no zeros to the residual stream, so the output is the same (up to float
+        summation order); dense (trained) models keep every part.
+        """
+        for block, (attn, mlp) in zip(self.blocks, self._inference_plan()):
+            if attn is not None:
+                resid = resid + attend(block.ln1(resid), allowed, *attn)[0]
+            if mlp is not None:
+                W_in, b_in, W_out, b_out = mlp
+                B, T, D = resid.shape
+                hidden = block.mlp.act(torch.addmm(b_in, block.ln2(resid).reshape(B * T, D), W_in))
+                resid = resid + torch.addmm(b_out, hidden, W_out).view(B, T, D)
+        return self.ln_final(resid) @ self.W_U + self.b_U  # [B, T, O]
+
+    @torch.no_grad()
+    def _inference_plan(self):
+        """Per block: packed weights of the live heads and MLP units (None: block is all zero).
+        Rebuilt whenever a parameter changes (tensor versions are part of the cache key)."""
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if getattr(self, "_plan", (None,))[0] == key:
+            return self._plan[1]
+        plan, E = [], self.cfg.d_head
+        for block in self.blocks:
+            a, m = block.attn, block.mlp
+            heads = (a.W_O.flatten(1) != 0).any(1).nonzero().flatten()  # [live H]
+            if len(heads) == 0 and (a.b_O != 0).any():  # only a bias: keep the block whole
+                heads = torch.arange(a.W_O.shape[0])
+            attn = None
+            if len(heads):
+                W, b = pack_qkv(a.W_Q[heads], a.W_K[heads], a.W_V[heads],
+                                a.b_Q[heads], a.b_K[heads], a.b_V[heads])
+                attn = (W, b, a.W_O[heads].reshape(len(heads) * E, -1), a.b_O, len(heads), E)
+            units = (m.W_out != 0).any(1).nonzero().flatten()  # [live M]
+            mlp = None
+            if len(units) or (m.b_out != 0).any():
+                mlp = (m.W_in[:, units], m.b_in[units], m.W_out[units], m.b_out)
+            plan.append((attn, mlp))
+        self._plan = (key, plan)
+        return plan
 
     def run_with_cache(self, tokens, mask=None):
         """Like forward, and also returns a dict of every named activation (see the docstring)."""

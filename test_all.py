@@ -11,7 +11,7 @@ import torch
 import model as model_lib
 import tracr_load as tl
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # make test runs two pytest workers (-n 2) on 2 cores
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +58,24 @@ def test_exact_against_tracr_and_rasp(name, causal):
     ok = task.correct(ours, targets)
     wrong = [inputs[i] for i, row in enumerate(ok) if not all(row)]
     assert not wrong, f"{len(wrong)} inputs wrong against RASP, e.g. {wrong[:3]}"
+    # The inference path (all-zero heads, units and blocks left out) gives the same output.
+    tokens, mask = task.encode(inputs)
+    with torch.no_grad():
+        full, _ = model.run_with_cache(tokens, mask)
+        assert torch.allclose(model(tokens, mask), full, atol=1e-5, rtol=1e-5)
+
+
+def test_inference_plan_follows_weight_changes():
+    model, task = tl.load_program("reverse")
+    tokens, mask = task.encode(task.sample(16, seed=0))
+    with torch.no_grad():
+        before = model(tokens, mask)
+        dead = [i for i, (a, m) in enumerate(model._inference_plan()) if m is None]
+        assert dead, "reverse has all-zero MLP blocks"
+        model.blocks[dead[0]].mlp.b_out.add_(1.0)  # in place, as an optimizer step would
+        after = model(tokens, mask)
+        full, _ = model.run_with_cache(tokens, mask)
+    assert not torch.allclose(before, after) and torch.allclose(after, full, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,causal", [("reverse", False), ("sort", False),
