@@ -536,17 +536,26 @@ def draw_graph(info, path=None, ax=None):
                                layout="constrained")
     else:
         fig = ax.figure
-    for a, b in g.edges:
-        ax.annotate("", xy=pos[b], xytext=pos[a],
-                    arrowprops=dict(arrowstyle="-|>", color="0.45", lw=1.0,
-                                    shrinkA=16, shrinkB=16))
+    boxes = {}
     for n, (x, y) in pos.items():
         layer = layer_of(n)
-        colour = "0.85" if layer is None else cmap(layer % 10)
+        colour = (0.85,) * 3 if layer is None else cmap(layer % 10)[:3]
         square = ops[n]["kind"] == "Select"
-        ax.text(x, y, f"{n}\n{ops[n]['kind']}", ha="center", va="center", fontsize=8,
-                bbox=dict(boxstyle="square,pad=0.35" if square else "round,pad=0.4",
-                          fc=colour, ec="0.3", alpha=0.6 if square else 0.95))
+        if square:  # a Select is lighter: it is computed inside its user's head
+            colour = tuple(0.55 + 0.45 * c for c in colour)
+        boxes[n] = ax.text(x, y, f"{n}\n{ops[n]['kind']}", ha="center", va="center", fontsize=8,
+                           zorder=3, bbox=dict(boxstyle="square,pad=0.35" if square else
+                                               "round,pad=0.4", fc=colour, ec="0.3"))
+    mid = sum(p[1] for p in pos.values()) / len(pos)
+    for a, b in g.edges:
+        # Edges that skip generations bow away from the middle so they pass around the nodes.
+        skip = g.nodes[b]["gen"] - g.nodes[a]["gen"] > 1
+        bow = (-0.25 if pos[a][1] >= mid else 0.25) if skip else 0.0
+        ax.annotate("", xy=pos[b], xytext=pos[a], zorder=4,
+                    arrowprops=dict(arrowstyle="-|>", color="0.4", lw=1.0,
+                                    connectionstyle=f"arc3,rad={bow}",
+                                    patchA=boxes[a].get_bbox_patch(),
+                                    patchB=boxes[b].get_bbox_patch()))
     layers = sorted({layer_of(n) for n in g if layer_of(n) is not None})
     handles = [Patch(fc="0.85", ec="0.3", label="embedding")] + [
         Patch(fc=cmap(k % 10), ec="0.3", label=f"layer {k}") for k in layers]

@@ -39,6 +39,124 @@ def tmp_runs(tmp_path_factory):
 # plot.py
 
 
+@pytest.fixture(scope="module")
+def plot_runs(tmp_path_factory):
+    """A compiled reverse run (with its explanation) and a trained one of another shape, trained
+    for a few real Adam steps so that it has a history."""
+    import explain as explain_lib
+    import torch.nn.functional as F
+    from dataclasses import replace
+
+    folder = tmp_path_factory.mktemp("plot_runs")
+    model, task = tl.load_program("reverse")
+    compiled = folder / "reverse_tracr.pt"
+    model_lib.save(compiled, model, task, "tracr", residual_labels=model.residual_labels,
+                   explain=explain_lib.explain(model, task))
+
+    torch.manual_seed(0)
+    net = model_lib.Transformer(replace(model.cfg, d_model=24, n_layers=2, n_heads=2, d_head=6,
+                                        d_mlp=16))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    data = task.sample(64, seed=1)
+    tokens, mask = task.encode(data)
+    y, valid = task.target_tensors(data, tokens.shape[1])
+    history = []
+    for step in range(6):
+        out = net(tokens, mask)
+        loss = F.cross_entropy(out[valid], y[valid])
+        acc = (out[valid].argmax(-1) == y[valid]).float().mean().item()
+        history.append({"step": step, "loss": loss.item(), "train_acc": acc})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trained = folder / "reverse_trained.pt"
+    model_lib.save(trained, net.eval(), task, "trained", history=history)
+    return compiled, trained
+
+
+def _pngs(folder):
+    return {p.name: p for p in folder.glob("*.png")}
+
+
+def test_plot_compiled_and_trained_runs(plot_runs, tmp_path):
+    import plot
+    compiled, trained = plot_runs
+    assert plot.main([str(compiled), str(trained), "--out", str(tmp_path),
+                      "--input", "a b c"]) == 0
+    pngs = _pngs(tmp_path)
+    for what in ("resid", "attn", "mlp", "history"):
+        name = f"reverse_{what}_reverse_tracr+reverse_trained.png"
+        assert name in pngs, sorted(pngs)
+        assert pngs[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert pngs[name].stat().st_size > 10_000
+    assert "reverse_graph_reverse_tracr.png" in pngs
+    # Run again: existing figures are kept unless --force.
+    assert plot.main([str(compiled), "--out", str(tmp_path), "--what", "attn",
+                      "--input", "a b c"]) == 0
+    assert plot.main([str(compiled), str(trained), "--out", str(tmp_path), "--what", "attn",
+                      "--input", "a b c"]) == 1
+    assert plot.main([str(compiled), str(trained), "--out", str(tmp_path), "--what", "attn",
+                      "--input", "a b c", "--force"]) == 0
+
+
+def test_plot_bad_file_is_named_and_the_rest_plotted(plot_runs, tmp_path, capsys):
+    import plot
+    compiled, _ = plot_runs
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a run file")
+    missing = tmp_path / "missing.pt"
+    assert plot.main([str(garbage), str(compiled), str(missing), "--out", str(tmp_path / "f"),
+                      "--what", "resid"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 2
+    assert str(garbage) in err[0] and str(missing) in err[1]
+    assert list(_pngs(tmp_path / "f")) == ["reverse_resid_reverse_tracr.png"]
+
+
+def test_plot_bad_arguments_one_line(plot_runs, tmp_path, capsys):
+    import plot
+    compiled, _ = plot_runs
+    assert plot.main([str(compiled), "--what", "nonsense", "--out", str(tmp_path)]) == 1
+    assert plot.main([str(compiled), "--input", "a z", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "nonsense" in err[0] and "'z'" in err[1]
+    assert _pngs(tmp_path) == {}
+
+
+def test_plot_named_grid_shape():
+    import plot
+    # Attention patterns [1, H, T, T] of two models with 2 and 3 heads: rows of 2 and 3 cells.
+    a, b = torch.rand(1, 2, 4, 4), torch.rand(1, 3, 4, 4)
+    fig = plot.plot_named("blocks.0.attn.pattern", [("a", a), ("b", b)])
+    shapes = [ax.images[0].get_array().shape for ax in fig.axes if ax.images]
+    assert shapes == [(4, 4)] * 5
+    # [1, T, D] squeezes to one heatmap per model.
+    fig = plot.plot_named("embed", [("a", torch.rand(1, 5, 7))])
+    assert [ax.images[0].get_array().shape for ax in fig.axes if ax.images] == [(5, 7)]
+
+
+def test_plot_groups_tasks_and_reads_sweep_and_llc(plot_runs, tmp_path, capsys):
+    import plot
+    _, trained = plot_runs
+    # Another task's run, and meta a compression sweep and an LLC estimate would leave.
+    task = tl.Task.from_name("count")
+    cfg = model_lib.Config(d_model=8, n_layers=1, n_heads=1, d_head=4, d_mlp=8,
+                           d_vocab=task.d_vocab, d_vocab_out=task.d_vocab_out,
+                           n_ctx=task.max_seq_len + 1)
+    other = tmp_path / "count_trained.pt"
+    model_lib.save(other, model_lib.Transformer(cfg), task, "trained",
+                   sweep=[{"d_model": d, "acc": d / 8} for d in (2, 4, 8)],
+                   llc={"mean": 1.5, "std": 0.2, "init_loss": 0.1,
+                        "traces": [[0.1 + 0.01 * i for i in range(20)]] * 2})
+    out = tmp_path / "figs"
+    assert plot.main([str(trained), str(other), "--out", str(out),
+                      "--what", "resid,sweep,llc"]) == 0
+    assert "2 tasks" in capsys.readouterr().out
+    assert sorted(_pngs(out)) == ["count_llc_count_trained.png", "count_resid_count_trained.png",
+                                  "count_sweep_count_trained.png",
+                                  "reverse_resid_reverse_trained.png"]
+
+
 # ==============================================================================================
 # llc.py
 
