@@ -29,3 +29,14 @@ bench: $(VENV)
 
 clean:
 	rm -rf runs figures .pytest_cache __pycache__
+
+# plot.py and explain.py: figures of every run file (regenerated: --force), and the walk-through
+# of one compiled program (make explain PROGRAM=sort).
+PROGRAM ?= reverse
+plot: $(VENV)
+	$(PY) plot.py runs/*.pt --force
+
+explain: $(VENV)
+	$(PY) tracr_load.py $(PROGRAM) --explain
+
+.PHONY: plot explain

@@ -25,8 +25,9 @@ Meta keys read (all optional; a run without one is skipped quietly for that figu
     explain          dict from explain.explain: 'titles' {'blocks.0.attn': text}, 'blocks', 'ops',
                      'edges', 'program'
     history          list of dicts, one per evaluation: 'step' and numeric fields; fields with
-                     'loss' in their name go on a log-scale panel, with 'acc' on a [0, 1] panel,
-                     any other numeric field on a third
+                     'loss' in their name go on a log-scale panel, with 'acc', 'exact',
+                     'per_position' or 'correct' on a [0, 1] panel, 'lr' on its own, any other
+                     numeric field on a last one ('seconds', 'time', 'epoch' are left out)
     sweep            list of dicts, one per setting: the x field is the first of SWEEP_X present
                      (else the first numeric field); the other numeric fields are plotted as in
                      history
@@ -307,21 +308,37 @@ def _numeric_fields(rows, skip):
     return fields
 
 
+ACCURACY_WORDS = ("acc", "exact", "per_position", "correct")
+SKIP_FIELDS = ("seconds", "time", "epoch")
+
+
+def _panel(field):
+    """Which panel a numeric field of a history or sweep row goes on (None: not plotted)."""
+    if any(w in field for w in SKIP_FIELDS):
+        return None
+    if "loss" in field:
+        return "loss"
+    if any(w in field for w in ACCURACY_WORDS):
+        return "accuracy"
+    return "learning rate" if field in ("lr", "learning_rate") else "other"
+
+
 def _curves(runs, key, x_of, xlabel, title):
-    """Lines of every numeric field of meta[key] (a list of dicts) on loss / accuracy / other
-    panels; one colour per run, one line style per field."""
+    """Lines of the numeric fields of meta[key] (a list of dicts) on loss / accuracy / learning
+    rate / other panels; one colour per run, one line style per field."""
     have = [r for r in runs if isinstance(r.meta.get(key), list) and r.meta[key]
             and all(isinstance(row, dict) for row in r.meta[key])]
     if not have:
         return None
-    panels = {"loss": [], "accuracy": [], "other": []}
+    panels = {"loss": [], "accuracy": [], "learning rate": [], "other": []}
     for i, r in enumerate(have):
         rows = r.meta[key]
         x = x_of(rows)
-        for j, f in enumerate(_numeric_fields(rows, {x})):
-            kind = "loss" if "loss" in f else "accuracy" if "acc" in f else "other"
+        fields = [f for f in _numeric_fields(rows, {x}) if _panel(f)]
+        for f in fields:
             pts = [(row[x] if x else n, row[f]) for n, row in enumerate(rows) if f in row]
-            panels[kind].append((r, i, j, f, pts))
+            j = sum(1 for line in panels[_panel(f)] if line[0] is r)  # line style within panel
+            panels[_panel(f)].append((r, i, j, f, pts))
     panels = {k: v for k, v in panels.items() if v}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False,
                              layout="constrained")
@@ -330,7 +347,7 @@ def _curves(runs, key, x_of, xlabel, title):
         for r, i, j, f, pts in lines:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[j % 4], color=f"C{i % 10}",
                     label=f"{r.name}: {f}", marker="o" if len(pts) < 15 else None, ms=3)
-        if kind == "loss" and all(p[1] > 0 for *_, pts in lines for p in pts):
+        if kind in ("loss", "learning rate") and all(p[1] > 0 for *_, pts in lines for p in pts):
             ax.set_yscale("log")
         if kind == "accuracy":
             ax.set_ylim(-0.02, 1.02)

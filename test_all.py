@@ -91,12 +91,12 @@ def test_plot_compiled_and_trained_runs(plot_runs, tmp_path):
         assert pngs[name].stat().st_size > 10_000
     assert "reverse_graph_reverse_tracr.png" in pngs
     # Run again: existing figures are kept unless --force.
-    assert plot.main([str(compiled), "--out", str(tmp_path), "--what", "attn",
-                      "--input", "a b c"]) == 0
-    assert plot.main([str(compiled), str(trained), "--out", str(tmp_path), "--what", "attn",
-                      "--input", "a b c"]) == 1
-    assert plot.main([str(compiled), str(trained), "--out", str(tmp_path), "--what", "attn",
-                      "--input", "a b c", "--force"]) == 0
+    before = pngs["reverse_history_reverse_tracr+reverse_trained.png"].stat().st_mtime_ns
+    assert plot.main([str(compiled), str(trained), "--out", str(tmp_path), "--what",
+                      "history"]) == 1
+    assert pngs["reverse_history_reverse_tracr+reverse_trained.png"].stat().st_mtime_ns == before
+    assert plot.main([str(compiled), str(trained), "--out", str(tmp_path), "--what", "history",
+                      "--force"]) == 0
 
 
 def test_plot_bad_file_is_named_and_the_rest_plotted(plot_runs, tmp_path, capsys):
@@ -106,11 +106,11 @@ def test_plot_bad_file_is_named_and_the_rest_plotted(plot_runs, tmp_path, capsys
     garbage.write_bytes(b"not a run file")
     missing = tmp_path / "missing.pt"
     assert plot.main([str(garbage), str(compiled), str(missing), "--out", str(tmp_path / "f"),
-                      "--what", "resid"]) == 1
+                      "--what", "graph"]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 2
     assert str(garbage) in err[0] and str(missing) in err[1]
-    assert list(_pngs(tmp_path / "f")) == ["reverse_resid_reverse_tracr.png"]
+    assert list(_pngs(tmp_path / "f")) == ["reverse_graph_reverse_tracr.png"]
 
 
 def test_plot_bad_arguments_one_line(plot_runs, tmp_path, capsys):
