@@ -572,3 +572,29 @@ def draw_graph(info, path=None, ax=None):
     if path is not None:
         fig.savefig(path, dpi=130)
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Bench rows for bench.py.
+
+
+def bench(programs=("reverse", "sort", "frac_prevs")):
+    """Per program: how many blocks the weights confirm, how many read out of order, and the
+    explanation's time (the compile itself is tracr_load's and cached per process)."""
+    import time
+
+    import tracr_load as tl
+    rows = []
+    for name in programs:
+        model, task = tl.load_program(name)
+        t0 = time.perf_counter()
+        info = explain(model, task)
+        seconds = time.perf_counter() - t0
+        used = [b for b in info["blocks"] if not b["unused"]]
+        rows.append({"name": f"explain {name}", "blocks_used": len(used),
+                     "blocks_unused": len(info["blocks"]) - len(used),
+                     "confirmed_by_weights": sum(b["confirmed"] for b in info["blocks"]) /
+                     len(info["blocks"]),
+                     "data_order_violations": len(data_order_violations(info)),
+                     "seconds": round(seconds, 3)})
+    return rows

@@ -419,6 +419,9 @@ def fig_graph(runs, seq):
     return explain.draw_graph(have[0].explain)  # one program: every compiled run has one graph
 
 
+NEEDS = {"history": lambda r: isinstance(r.meta.get("history"), list) and r.meta["history"],
+         "sweep": lambda r: isinstance(r.meta.get("sweep"), list) and r.meta["sweep"],
+         "llc": lambda r: _llc_results(r.meta), "graph": lambda r: r.explain and r.explain["ops"]}
 DRAW = {"resid": fig_resid, "attn": fig_attn, "mlp": fig_mlp, "history": fig_history,
         "sweep": fig_sweep, "llc": fig_llc, "graph": fig_graph}
 
@@ -494,14 +497,16 @@ def main(argv=None):
         for r in g:
             r.run_on(seq)
         for w in whats:
-            # The graph is the program's: name it after the compiled runs that carry it.
-            shown = [r for r in g if r.explain] if w == "graph" else g
-            path = figure_path(args.out, task.name, w, shown or g)
+            # Figures from meta are named after the runs that have the entry.
+            shown = [r for r in g if NEEDS[w](r)] if w in NEEDS else g
+            if not shown:
+                continue
+            path = figure_path(args.out, task.name, w, shown)
             if os.path.exists(path) and not args.force:
                 errors.append(f"{path} exists; pass --force to overwrite it")
                 continue
             if w in DRAW:
-                fig = DRAW[w](g, seq)
+                fig = DRAW[w](shown, seq)
             else:
                 missing = [r.path for r in g if w not in r.cache]
                 if missing:
