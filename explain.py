@@ -102,7 +102,13 @@ def _op_info(expr, node):
     if isinstance(expr, rasp.Select):
         info["keys"], info["queries"] = expr.keys.label, expr.queries.label
         p = expr.predicate
-        info["predicate"] = p.value if p.name in ("TRUE", "FALSE") else f"key {p.value} query"
+        if isinstance(p, rasp.Comparison):
+            info["predicate"] = p.value if p.name in ("TRUE", "FALSE") else \
+                f"key {p.value} query"
+        else:  # a Python function of (key, query); only its name can be shown
+            name = getattr(p, "__name__", "predicate")
+            info["predicate"] = f"{'a custom predicate' if name == '<lambda>' else name}" \
+                "(key, query)"
     return info
 
 
@@ -428,8 +434,9 @@ def format_explanation(info):
     index = {lab: i for i, lab in enumerate(labels)}
     ops = {op["label"]: op for op in info["ops"]}
     out = [f"{info['program']}: vocab {{{', '.join(info['vocab'])}}}, max_seq_len "
-           f"{info['max_seq_len']}; compiled to {info['n_layers']} layers, "
-           f"{info['n_heads']} head(s) per layer, d_model {info['d_model']}, "
+           f"{info['max_seq_len']}; compiled to {info['n_layers']} "
+           f"layer{'s' if info['n_layers'] > 1 else ''}, {info['n_heads']} "
+           f"head{'s' if info['n_heads'] > 1 else ''} per layer, d_model {info['d_model']}, "
            f"d_mlp {info['d_mlp']}", "",
            f"RASP program (output: {info['output']}), with each operation's encoding, values and "
            "layer.", "A Select has no block of its own: the attention head of the operation "

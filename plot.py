@@ -508,12 +508,18 @@ def main(argv=None):
             if w in DRAW:
                 fig = DRAW[w](shown, seq)
             else:
-                missing = [r.path for r in g if w not in r.cache]
-                if missing:
-                    errors.append(f"--what {w!r}: no such cache entry in {', '.join(missing)}; "
+                have = [r for r in g if w in r.cache]
+                if not have:
+                    errors.append(f"--what {w!r}: no such cache entry in {task.name}'s runs; "
                                   f"entries: {', '.join(g[0].cache)}")
                     continue
-                fig = plot_named(w, [(r.title, r.cache[w]) for r in g],
+                if len(have) < len(g):  # e.g. a layer that only the deeper models have
+                    print(f"note: {w} is drawn for {len(have)} of {len(g)} {task.name} runs")
+                path = figure_path(args.out, task.name, w, have)
+                if os.path.exists(path) and not args.force:
+                    errors.append(f"{path} exists; pass --force to overwrite it")
+                    continue
+                fig = plot_named(w, [(r.title, r.cache[w]) for r in have],
                                  f"{task.name}: {w}, input '{' '.join(map(str, seq))}'")
             if fig is not None:
                 save_png(fig, path)
