@@ -58,6 +58,7 @@ import model as model_lib  # noqa: E402
 FIGURES = ("resid", "attn", "mlp", "history", "sweep", "llc", "graph")
 SWEEP_X = ("d_model", "d_resid", "d_compressed", "d", "width", "dim", "size")
 CMAP = "RdBu_r"
+MAX_COLS = 12  # cells per figure row before a model's row wraps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,15 +160,18 @@ def grid(rows, suptitle, cell_w=2.6, cell_h=2.0, fixed_vmax=None, per_cell=False
          skip_bos=False):
     """rows: [(row title, [cell dict | None])], a cell dict holding heatmap's arguments ('arr',
     'title', 'xlabels', 'ylabels', 'xticks'). One subfigure per row with one colour bar shared
-    along the row, or one per cell (per_cell: for cells whose scales differ by orders)."""
-    ncols = max(1, max(len(cells) for _, cells in rows))
+    along the row, or one per cell (per_cell: for cells whose scales differ by orders). Rows of
+    more than MAX_COLS cells wrap onto further rows (a model with many heads stays readable)."""
+    # One scale per model row, kept across its wrapped parts.
+    rows = [(title if k == 0 else f"{title} (continued)", cells[k:k + MAX_COLS],
+             fixed_vmax or _vmax([c["arr"] for c in cells if c is not None], skip_bos))
+            for title, cells in rows for k in range(0, max(1, len(cells)), MAX_COLS)]
+    ncols = max(1, max(len(cells) for _, cells, _ in rows))
     fig = plt.figure(figsize=(cell_w * ncols + 1.2, (cell_h + 0.45) * len(rows) + 0.5),
                      layout="constrained")
     subfigs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0]
-    for sub, (row_title, cells) in zip(subfigs, rows):
+    for sub, (row_title, cells, vmax) in zip(subfigs, rows):
         axes = sub.subplots(1, ncols, squeeze=False)[0]
-        present = [c for c in cells if c is not None]
-        vmax = fixed_vmax or _vmax([c["arr"] for c in present], skip_bos)
         im = None
         for ax, cell in zip(axes, cells + [None] * (ncols - len(cells))):
             if cell is None:
