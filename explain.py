@@ -156,7 +156,7 @@ def _head_block(head, h, layer, model, labels):
             "reads": {k: compiler[k] for k in ("query", "key", "value")},
             "writes": compiler["writes"], "weights": weights,
             "confirmed": compiler == weights,
-            "declared_unused": [d for d in declared if d not in used]}
+            "declared_unused": _in_order([d for d in declared if d not in used], labels)}
 
 
 def _mlp_block(part, combined, layer, model, labels):
@@ -174,7 +174,7 @@ def _mlp_block(part, combined, layer, model, labels):
     return {"name": f"blocks.{layer}.mlp", "layer": layer, "type": "mlp", "head": None,
             "hidden": hidden, "reads": {"in": compiler["in"]}, "writes": compiler["writes"],
             "weights": weights, "confirmed": compiler == weights,
-            "declared_unused": [d for d in declared if d not in used]}
+            "declared_unused": _in_order([d for d in declared if d not in used], labels)}
 
 
 def _unused_block(model, layer, kind, head=None):
