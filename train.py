@@ -17,8 +17,9 @@ is right within tracr_load.NUMERIC_TOL (0.05) of RASP's value.
 
 Training: AdamW, linear warm-up then cosine decay of the learning rate, decoupled weight decay on
 weight matrices only (not on biases), shuffled mini-batches from a seeded generator. Early stop
-once held-out and train exact match are both 100%. A NaN/inf loss stops the run and keeps the last good state.
-Same seed, same result bit for bit on CPU (deterministic algorithms, seeded generators).
+once held-out and train exact match are both 100%. A NaN/inf loss stops the run and keeps the
+last good state. Same seed, same result bit for bit on CPU (deterministic algorithms, seeded
+generators, one thread by default).
 """
 
 import argparse
@@ -217,29 +218,31 @@ class Diverged(RuntimeError):
 
 
 def train(model, task, train_inputs, heldout_inputs, cfg, extra_loss=None, out=None,
-          progress=True, meta=None, resume=None, log=None, until=None):
+          progress=True, meta=None, resume=None, log=None, until=None, val_inputs=None):
     """Train model in place; return the history (a list of eval dicts).
 
     extra_loss(model, cache, tokens, mask) -> scalar is added to the loss at every step; cache
     is the activation dict of the same forward pass. out: the run file, written atomically at
     each held-out improvement and at the end. resume: a run file's meta['resume'] to continue
     from (the model must already hold that file's weights); until: stop after this step (the
-    schedule still runs to cfg.steps), so a run can be continued with resume. A NaN/inf loss raises Diverged after
-    writing the last good state to out. log(line) receives one line per eval (default: printed
-    above the progress bar when progress is on, else nothing).
+    schedule still runs to cfg.steps), so a run can be continued with resume. A NaN/inf loss
+    raises Diverged after writing the last good state to out. log(line) receives one line per
+    eval (default: printed above the progress bar when progress is on, else nothing).
+    val_inputs: a validation part of the training data; when given, it (with train) decides the
+    early stop and the saves in place of the held-out set, which is then only reported.
     """
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
         return _train(model, task, train_inputs, heldout_inputs, cfg, extra_loss, out, progress,
-                      meta, resume, log, until)
+                      meta, resume, log, until, val_inputs)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(model, task, train_inputs, heldout_inputs, cfg, extra_loss, out, progress, meta,
-           resume, log, until):
+           resume, log, until, val_inputs):
     from tqdm import tqdm
 
     torch.use_deterministic_algorithms(True)
@@ -247,6 +250,8 @@ def _train(model, task, train_inputs, heldout_inputs, cfg, extra_loss, out, prog
     model.to(device).train()
     data_tr = Data(task, train_inputs, device)
     data_ho = Data(task, heldout_inputs, device)
+    data_val = Data(task, val_inputs, device) if val_inputs else None
+    decide = "val_exact" if data_val is not None else "heldout_exact"
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     history, step, order, pos = [], 0, None, 0
@@ -257,7 +262,7 @@ def _train(model, task, train_inputs, heldout_inputs, cfg, extra_loss, out, prog
         order, pos = resume["order"], resume["pos"]
     bs = min(cfg.batch_size, len(data_tr))
     meta = dict(meta or {})
-    best = max((h["heldout_exact"] for h in history), default=-1.0)
+    best = max((h[decide] for h in history), default=-1.0)
     good = _snapshot(model, opt, gen, history, step, order, pos)
     t0 = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
 
@@ -306,6 +311,9 @@ def _train(model, task, train_inputs, heldout_inputs, cfg, extra_loss, out, prog
                    "train_loss": tr["loss"], "heldout_exact": ho["exact"],
                    "heldout_per_position": ho["per_position"], "heldout_loss": ho["loss"],
                    "seconds": time.perf_counter() - t0}
+            if data_val is not None:
+                va = evaluate(model, task, data_val)
+                row.update(val_exact=va["exact"], val_per_position=va["per_position"])
             if not all(math.isfinite(row[k]) for k in ("train_loss", "heldout_loss")):
                 save(good)
                 bar.close()
@@ -314,17 +322,18 @@ def _train(model, task, train_inputs, heldout_inputs, cfg, extra_loss, out, prog
             history.append(row)
             good = _snapshot(model, opt, gen, history, step, order, pos)
             msg = (f"step {step:5d}  loss {row['loss']:.4f}  train exact {tr['exact']:.3f}  "
-                   f"held-out exact {ho['exact']:.3f} (per position {ho['per_position']:.3f})")
+                   f"held-out exact {ho['exact']:.3f} (per position {ho['per_position']:.3f})"
+                   + (f"  val exact {row['val_exact']:.3f}" if data_val is not None else ""))
             if log is not None:
                 log(msg)
             elif progress:
                 bar.write(msg)
-            if ho["exact"] > best:
-                best = ho["exact"]
+            if row[decide] > best:
+                best = row[decide]
                 save(good)
             # Both sets, so that a run never stops on a lucky held-out draw while still wrong on
             # inputs it was trained on: at the stop every input of the task is right.
-            stop = cfg.early_stop and ho["exact"] == 1.0 and tr["exact"] == 1.0
+            stop = cfg.early_stop and row[decide] == 1.0 and tr["exact"] == 1.0
     bar.close()
     save(_snapshot(model, opt, gen, history, step, order, pos))
     return history
@@ -332,7 +341,8 @@ def _train(model, task, train_inputs, heldout_inputs, cfg, extra_loss, out, prog
 
 def _snapshot(model, opt, gen, history, step, order, pos):
     """Everything a resumed run needs, as plain tensors, numbers, lists and dicts."""
-    return {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
+    return {"model": copy.deepcopy(model.state_dict()),
+            "optimizer": copy.deepcopy(opt.state_dict()),
             "generator": gen.get_state(), "history": list(history), "step": step,
             "order": order.clone() if order is not None else None, "pos": pos}
 
