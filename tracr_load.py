@@ -8,10 +8,11 @@ References: Lindner et al. 2023, "Tracr: Compiled Transformers as a Laboratory f
 Interpretability"; Weiss et al. 2021, "Thinking Like Transformers" (RASP).
 
 What this file adds on top of tracr:
-- An explicit BOS and a key mask. tracr prepends BOS itself and never masks padding, so a padded
-  reverse of [BOS, a, b, PAD, PAD] comes out as [BOS, b, a, a, a]. Here every sequence starts with
-  BOS at position 0, batches are right-padded, and attention never reads a padded key, so each
-  real position of a padded batch gets exactly what tracr gives for that sequence alone.
+- An explicit BOS and a key mask. tracr never masks padding: padded positions are keys like any
+  other. Its PAD embedding keeps them out of most selectors, but not all: count_less_freq on
+  [b, a, b, c] padded to length 5 answers 5 instead of 4. Here every sequence starts with BOS at
+  position 0, batches are right-padded, and attention never reads a padded key, so each real
+  position of a padded batch gets exactly what tracr gives for that sequence alone.
 - An unembedding W_U. tracr has none: its output is the projection of the residual stream onto the
   output operation's directions, found here by residual label (never assumed to come first).
 - A Task: encoding, decoding, ground truth from RASP's own evaluator, sampling, enumeration.
@@ -514,30 +515,34 @@ def load_rasp(program, vocab, max_seq_len, causal=False, mlp_exactness=100):
 # Running tracr itself, for comparisons.
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted(assembled_id):
-    import jax
-    return jax.jit(_assembled_by_id[assembled_id].forward)
+_jit_cache = {}
 
 
-_assembled_by_id = {}
+def tracr_forward(assembled, inputs, jit=True):
+    """tracr's own forward on inputs of one length -> (residuals, decoded outputs).
 
-
-def tracr_forward(assembled, task, inputs):
-    """tracr's own jitted forward on inputs of one length -> (residuals list, output) as numpy.
-
-    residuals: [embeddings, after attn 0, after mlp 0, ...], each [B, T, D].
+    residuals: numpy [embeddings, after attn 0, after mlp 0, ...], each [B, T, D];
+    decoded: tracr's own unembedding and output encoder, one list per input (BOS dropped).
+    jit=True compiles once per program and length (fast for repeated calls); eager is cheaper
+    for a handful of calls.
     """
     lengths = {len(s) for s in inputs}
     if len(lengths) != 1:
         raise ValueError("tracr_forward takes inputs of one length (tracr has no padding mask)")
-    _assembled_by_id[id(assembled)] = assembled
+    forward = assembled.forward
+    if jit:
+        import jax
+        if id(assembled) not in _jit_cache:  # keep assembled alive so its id stays unique
+            _jit_cache[id(assembled)] = (assembled, jax.jit(assembled.forward))
+        forward = _jit_cache[id(assembled)][1]
     enc = assembled.input_encoder.encoding_map
     ids = np.array([[enc[BOS]] + [enc[t] for t in s] for s in inputs], dtype=np.int32)
-    out = _jitted(id(assembled))(assembled.params, ids)
+    out = forward(assembled.params, ids)
     res = [np.asarray(out.transformer_output.input_embeddings)]
     res += [np.asarray(r) for r in out.transformer_output.residuals]
-    return res, np.asarray(out.transformer_output.output)
+    unembedded = np.asarray(out.unembedded_output)[:, 1:].tolist()
+    decoded = [assembled.output_encoder.decode(row) for row in unembedded]
+    return res, decoded
 
 
 def our_residuals(cache, n_layers):
@@ -548,26 +553,29 @@ def our_residuals(cache, n_layers):
     return names, [cache[n] for n in names]
 
 
-def compare_with_tracr(model, assembled, task, inputs, batch_size=1024):
+def compare_with_tracr(model, assembled, task, inputs, batch_size=1024, jit=True):
     """Run inputs as right-padded mixed-length batches through model and per length through
-    tracr. Returns (max abs residual error per stage name over real positions, our decoded)."""
-    errors, decoded = {}, []
+    tracr. Returns (max abs residual error per stage over real positions, our decoded outputs,
+    tracr's decoded outputs)."""
+    errors, ours_decoded, theirs_decoded = {}, [], [None] * len(inputs)
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start:start + batch_size]
         tokens, mask = task.encode(chunk)
         with torch.no_grad():
             out, cache = model.run_with_cache(tokens, mask)
-        decoded += task.decode(out, mask)
+        ours_decoded += task.decode(out, mask)
         names, ours = our_residuals(cache, model.cfg.n_layers)
         by_len = {}
         for b, s in enumerate(chunk):
             by_len.setdefault(len(s), []).append(b)
         for n, idx in by_len.items():
-            theirs, _ = tracr_forward(assembled, task, [chunk[b] for b in idx])
+            theirs, decoded = tracr_forward(assembled, [chunk[b] for b in idx], jit=jit)
+            for b, d in zip(idx, decoded):
+                theirs_decoded[start + b] = d
             for name, a, r in zip(names, ours, theirs):
                 err = float(np.abs(a[idx, :n + 1].numpy() - r).max())
                 errors[name] = max(errors.get(name, 0.0), err)
-    return errors, decoded
+    return errors, ours_decoded, theirs_decoded
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,6 +598,19 @@ def parse_vocab(text):
     return tuple(words)
 
 
+def same_outputs(a, b, tol=1e-5):
+    """Equal decoded outputs (numbers within tol)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, float) or isinstance(y, float):
+            if abs(float(x) - float(y)) > tol:
+                return False
+        elif x != y:
+            return False
+    return True
+
+
 def check(name, model, assembled, task, n_sample=2000, seed=0, show=5):
     """Every input (or a sample) through our model, tracr and RASP. Returns the mismatch count."""
     from tqdm import tqdm
@@ -598,17 +619,19 @@ def check(name, model, assembled, task, n_sample=2000, seed=0, show=5):
     what = "every input" if exhaustive else f"{len(inputs)} sampled inputs (seed {seed})"
     print(f"{name}: {what}, vocab {task.vocab}, max_seq_len {task.max_seq_len}, "
           f"causal {task.causal}, D = {model.cfg.d_model}")
-    errors, decoded = {}, []
+    errors, decoded, theirs = {}, [], []
     for start in tqdm(range(0, len(inputs), 512), desc="check", leave=False):
-        e, d = compare_with_tracr(model, assembled, task, inputs[start:start + 512])
-        decoded += d
+        e, d, t = compare_with_tracr(model, assembled, task, inputs[start:start + 512])
+        decoded, theirs = decoded + d, theirs + t
         for k, v in e.items():
             errors[k] = max(errors.get(k, 0.0), v)
     targets = task.targets(inputs)
     ok = task.correct(decoded, targets)
     wrong = [i for i, row in enumerate(ok) if not all(row)]
+    differ = sum(not same_outputs(a, b) for a, b in zip(decoded, theirs))
     print(f"max |residual - tracr| over every stage and real position: "
           f"{max(errors.values()):.2e}")
+    print(f"decoded output differs from tracr's: {differ} of {len(inputs)} inputs")
     print(f"wrong against RASP: {len(wrong)} of {len(inputs)} inputs")
     fmt = lambda xs: " ".join("-" if x is None else str(x) for x in xs)  # noqa: E731
     for i in wrong[:show]:
@@ -622,6 +645,7 @@ def main(argv=None):
     ap.add_argument("--vocab", help="tokens, e.g. 'a b c' or '1,2,3'")
     ap.add_argument("--max-seq-len", type=int)
     ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--mlp-exactness", type=int, help="tracr's MLP approximation (default 100)")
     ap.add_argument("--input", help="one input, tokens separated by spaces")
     ap.add_argument("--out", help="write the run file here (e.g. runs/reverse_tracr.pt)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out")
@@ -632,7 +656,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     try:
-        overrides = {"max_seq_len": args.max_seq_len, "causal": args.causal or None}
+        overrides = {"max_seq_len": args.max_seq_len, "causal": args.causal or None,
+                     "mlp_exactness": args.mlp_exactness}
         if args.vocab is not None:
             overrides["vocab"] = parse_vocab(args.vocab)
         settings(args.program, **overrides)  # validate before the slow compile
