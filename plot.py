@@ -448,7 +448,10 @@ def save_png(fig, path):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
                                suffix=".png")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a figure is for sharing
         fig.savefig(tmp, dpi=110, format="png")
         os.replace(tmp, path)
     finally:
