@@ -21,7 +21,7 @@ import torch
 import tracr_load as tl
 
 FORWARD_PROGRAMS = ("reverse", "sort", "shuffle_dyck2")
-SECTIONS = ("forward", "train", "compress", "regularize", "llc")
+SECTIONS = ("forward", "train", "compress", "regularize", "llc", "explain")
 
 
 def best_time(fn, repeat=20, warmup=3):

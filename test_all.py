@@ -242,6 +242,164 @@ def test_config_rejects_bad_values():
 # ==============================================================================================
 # train.py
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import train as train_lib  # noqa: E402
+
+
+def _tiny(task, seed=0, **kw):
+    """A small model for fast tests (not the compiled shape: compiling costs seconds)."""
+    cfg = model_lib.Config(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=16, d_vocab=1,
+                           d_vocab_out=1, n_ctx=1)
+    return train_lib.model_like(task, cfg, seed=seed, **kw)
+
+
+@pytest.fixture(scope="module")
+def count_task():
+    return tl.Task.from_name("count", max_seq_len=4)  # 120 inputs; output: how many 'a's
+
+
+def test_train_split_is_a_seeded_partition(count_task):
+    tr, ho = train_lib.split(count_task, seed=3, holdout=0.2)
+    assert len(ho) == round(0.2 * count_task.n_inputs()) and len(tr) + len(ho) == 120
+    assert {tuple(s) for s in tr}.isdisjoint({tuple(s) for s in ho})
+    assert sorted(map(tuple, tr + ho)) == sorted(map(tuple, count_task.all_inputs()))
+    assert train_lib.split(count_task, seed=3) == (tr, ho)
+    assert train_lib.split(count_task, seed=4)[1] != ho
+
+
+def test_train_small_task_reaches_full_heldout_accuracy(count_task):
+    # count at max_seq_len 4: 96 train / 24 held-out inputs; a 1-layer model finds it fast.
+    tr, ho = train_lib.split(count_task, seed=0)
+    model = _tiny(count_task)
+    cfg = train_lib.TrainConfig(steps=1500, lr=1e-2, eval_every=25, warmup=20, seed=0)
+    history = train_lib.train(model, count_task, tr, ho, cfg, progress=False)
+    assert history[-1]["heldout_exact"] == 1.0 and history[-1]["step"] < 1500
+    # evaluate agrees with decoding through the Task and comparing with RASP.
+    tokens, mask = count_task.encode(ho)
+    with torch.no_grad():
+        decoded = count_task.decode(model(tokens, mask), mask)
+    ok = count_task.correct(decoded, count_task.targets(ho))
+    assert all(all(row) for row in ok)
+    assert train_lib.evaluate(model, count_task, ho)["exact"] == 1.0
+
+
+class _Fixed(torch.nn.Module):
+    """Returns a fixed output tensor (a leaf), so the loss's gradient on it can be read."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = torch.nn.Parameter(out)
+
+    def forward(self, tokens, mask=None, cache=None):
+        return self.out
+
+
+@pytest.mark.parametrize("name", ["shift_by", "frac_prevs"])
+def test_train_loss_ignores_bos_padding_and_none_positions(name):
+    task = tl.Task.from_name(name)
+    inputs = [task.vocab[:1], task.vocab[:3], (task.vocab * 3)[:5]]  # three lengths: padding
+    data = train_lib.Data(task, inputs)
+    tokens, mask, y, valid = data.batch(slice(None))
+    assert not valid[:, 0].any() and not valid[~mask].any()
+    if name == "shift_by":  # RASP gives None at the first position of each input
+        assert not valid[:, 1].any() and valid.any()
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(len(inputs), tokens.shape[1], task.d_vocab_out, generator=g)
+    fixed = _Fixed(out.clone())
+    loss = train_lib.loss_fn(fixed, task, tokens, mask, y, valid)
+    loss.backward()
+    grad = fixed.out.grad
+    assert (grad[~valid] == 0).all()  # nothing flows from BOS, padding or None positions
+    assert (grad[valid].abs().sum(-1) > 0).all()
+    # The same loss computed one valid position at a time, by hand.
+    terms = []
+    for b, t in valid.nonzero().tolist():
+        if task.output_kind == "numerical":
+            terms.append((out[b, t, 0] - y[b, t]) ** 2)
+        else:
+            terms.append(-out[b, t].log_softmax(-1)[y[b, t]])
+    assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-6)
+    # Garbage targets at positions that are not valid change nothing.
+    y2 = y.clone()
+    y2[~valid] = 2 if task.output_kind == "categorical" else 1e6
+    assert torch.equal(train_lib.loss_fn(fixed, task, tokens, mask, y2, valid), loss)
+
+
+def _run(task, cfg, out=None, until=None, resume=None, model=None):
+    tr, ho = train_lib.split(task, seed=cfg.seed)
+    model = model if model is not None else _tiny(task, seed=cfg.seed)
+    hist = train_lib.train(model, task, tr, ho, cfg, out=out, progress=False, until=until,
+                           resume=resume)
+    return model, hist
+
+
+def test_train_same_seed_same_result_bit_for_bit(count_task):
+    cfg = train_lib.TrainConfig(steps=120, eval_every=40, seed=5, early_stop=False)
+    (m1, h1), (m2, h2) = _run(count_task, cfg), _run(count_task, cfg)
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(h1) == strip(h2)
+    m3, _ = _run(count_task, train_lib.TrainConfig(steps=120, seed=6, early_stop=False))
+    assert not torch.equal(m1.W_E, m3.W_E)
+
+
+def test_train_resumed_run_matches_uninterrupted(count_task, tmp_runs):
+    cfg = train_lib.TrainConfig(steps=120, eval_every=30, seed=2, early_stop=False)
+    full, h_full = _run(count_task, cfg)
+    path = str(tmp_runs / "count_resume.pt")
+    _run(count_task, cfg, out=path, until=60)
+    model, _, meta = model_lib.load(path)
+    assert meta["resume"]["step"] == 60
+    resumed, h_res = _run(count_task, cfg, out=path, resume=meta["resume"], model=model)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [r["loss"] for r in h_full] == [r["loss"] for r in h_res]
+
+
+def test_train_divergence_stops_and_keeps_last_good_state(count_task, tmp_runs):
+    calls = []
+
+    def poison(model, cache, tokens, mask):  # NaN at the 50th step, after the eval at step 40
+        calls.append(1)
+        assert "blocks.0.attn.pattern" in cache
+        return torch.tensor(float("nan")) if len(calls) == 50 else cache["embed"].sum() * 0
+    path = str(tmp_runs / "count_nan.pt")
+    cfg = train_lib.TrainConfig(steps=200, eval_every=20, seed=1, early_stop=False)
+    reference, _ = _run(count_task, train_lib.TrainConfig(steps=200, eval_every=20, seed=1,
+                                                          early_stop=False), until=40)
+    tr, ho = train_lib.split(count_task, seed=1)
+    model = _tiny(count_task, seed=1)
+    with pytest.raises(train_lib.Diverged, match="step 49"):
+        train_lib.train(model, count_task, tr, ho, cfg, extra_loss=poison, out=path,
+                        progress=False)
+    saved, _, meta = model_lib.load(path)
+    assert meta["resume"]["step"] == 40 and len(meta["history"]) == 2
+    for (k, a), b in zip(reference.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+def test_train_cli_bad_input_one_line_exit_1(tmp_runs, capsys):
+    existing = tmp_runs / "exists.pt"
+    existing.write_bytes(b"x")
+    for args in (["nosuch"], ["count", "--lr", "-1"], ["count", "--out", str(existing)],
+                 ["count", "--normalization", "batchnorm"], ["count", "--steps", "0"]):
+        try:
+            code = train_lib.main(args)
+        except SystemExit as e:  # argparse's own errors (bad choice) exit here
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 1, args
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, args
+    assert existing.read_bytes() == b"x"
+    # One real process, for the exit status a shell sees.
+    r = subprocess.run([sys.executable, "train.py", "count", "--batch-size", "0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
 
 # ==============================================================================================
 # compress.py
@@ -255,9 +413,246 @@ def test_config_rejects_bad_values():
 # plot.py
 
 
+@pytest.fixture(scope="module")
+def plot_runs(tmp_path_factory):
+    """A compiled reverse run (with its explanation) and a trained one of another shape, trained
+    for a few real Adam steps so that it has a history."""
+    import explain as explain_lib
+    import torch.nn.functional as F
+    from dataclasses import replace
+
+    folder = tmp_path_factory.mktemp("plot_runs")
+    model, task = tl.load_program("reverse")
+    compiled = folder / "reverse_tracr.pt"
+    model_lib.save(compiled, model, task, "tracr", residual_labels=model.residual_labels,
+                   explain=explain_lib.explain(model, task))
+
+    torch.manual_seed(0)
+    net = model_lib.Transformer(replace(model.cfg, d_model=24, n_layers=2, n_heads=2, d_head=6,
+                                        d_mlp=16))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    data = task.sample(64, seed=1)
+    tokens, mask = task.encode(data)
+    y, valid = task.target_tensors(data, tokens.shape[1])
+    history = []
+    for step in range(6):
+        out = net(tokens, mask)
+        loss = F.cross_entropy(out[valid], y[valid])
+        acc = (out[valid].argmax(-1) == y[valid]).float().mean().item()
+        history.append({"step": step, "loss": loss.item(), "train_acc": acc})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trained = folder / "reverse_trained.pt"
+    model_lib.save(trained, net.eval(), task, "trained", history=history)
+    return compiled, trained
+
+
+def _pngs(folder):
+    return {p.name: p for p in folder.glob("*.png")}
+
+
+def test_plot_compiled_and_trained_runs(plot_runs, tmp_path):
+    import plot
+    compiled, trained = plot_runs
+    assert plot.main([str(compiled), str(trained), "--out", str(tmp_path),
+                      "--input", "a b c"]) == 0
+    pngs = _pngs(tmp_path)
+    # Figures of the models are named after both; figures from meta after the runs that have it.
+    names = [f"reverse_{what}_reverse_tracr+reverse_trained.png" for what in ("resid", "attn",
+                                                                             "mlp")]
+    names += ["reverse_history_reverse_trained.png", "reverse_graph_reverse_tracr.png"]
+    assert sorted(pngs) == sorted(names)
+    for name in names:
+        assert pngs[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert pngs[name].stat().st_size > 10_000
+    # Run again: existing figures are kept unless --force.
+    before = pngs["reverse_history_reverse_trained.png"].stat().st_mtime_ns
+    assert plot.main([str(compiled), str(trained), "--out", str(tmp_path), "--what",
+                      "history"]) == 1
+    assert pngs["reverse_history_reverse_trained.png"].stat().st_mtime_ns == before
+    assert plot.main([str(compiled), str(trained), "--out", str(tmp_path), "--what", "history",
+                      "--force"]) == 0
+
+
+def test_plot_bad_file_is_named_and_the_rest_plotted(plot_runs, tmp_path, capsys):
+    import plot
+    compiled, _ = plot_runs
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a run file")
+    missing = tmp_path / "missing.pt"
+    assert plot.main([str(garbage), str(compiled), str(missing), "--out", str(tmp_path / "f"),
+                      "--what", "graph"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 2
+    assert str(garbage) in err[0] and str(missing) in err[1]
+    assert list(_pngs(tmp_path / "f")) == ["reverse_graph_reverse_tracr.png"]
+
+
+def test_plot_bad_arguments_one_line(plot_runs, tmp_path, capsys):
+    import plot
+    compiled, _ = plot_runs
+    assert plot.main([str(compiled), "--what", "nonsense", "--out", str(tmp_path)]) == 1
+    assert plot.main([str(compiled), "--input", "a z", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "nonsense" in err[0] and "'z'" in err[1]
+    assert _pngs(tmp_path) == {}
+
+
+def test_plot_named_grid_shape():
+    import plot
+    # Attention patterns [1, H, T, T] of two models with 2 and 3 heads: rows of 2 and 3 cells.
+    a, b = torch.rand(1, 2, 4, 4), torch.rand(1, 3, 4, 4)
+    fig = plot.plot_named("blocks.0.attn.pattern", [("a", a), ("b", b)])
+    shapes = [ax.images[0].get_array().shape for ax in fig.axes if ax.images]
+    assert shapes == [(4, 4)] * 5
+    # [1, T, D] squeezes to one heatmap per model.
+    fig = plot.plot_named("embed", [("a", torch.rand(1, 5, 7))])
+    assert [ax.images[0].get_array().shape for ax in fig.axes if ax.images] == [(5, 7)]
+
+
+def test_plot_groups_tasks_and_reads_sweep_and_llc(plot_runs, tmp_path, capsys):
+    import plot
+    _, trained = plot_runs
+    # Another task's run, and meta a compression sweep and an LLC estimate would leave.
+    task = tl.Task.from_name("count")
+    cfg = model_lib.Config(d_model=8, n_layers=1, n_heads=1, d_head=4, d_mlp=8,
+                           d_vocab=task.d_vocab, d_vocab_out=task.d_vocab_out,
+                           n_ctx=task.max_seq_len + 1)
+    other = tmp_path / "count_trained.pt"
+    model_lib.save(other, model_lib.Transformer(cfg), task, "trained",
+                   sweep=[{"d_model": d, "acc": d / 8} for d in (2, 4, 8)],
+                   llc={"mean": 1.5, "std": 0.2, "init_loss": 0.1,
+                        "traces": [[0.1 + 0.01 * i for i in range(20)]] * 2})
+    out = tmp_path / "figs"
+    assert plot.main([str(trained), str(other), "--out", str(out),
+                      "--what", "resid,sweep,llc"]) == 0
+    assert "2 tasks" in capsys.readouterr().out
+    assert sorted(_pngs(out)) == ["count_llc_count_trained.png", "count_resid_count_trained.png",
+                                  "count_sweep_count_trained.png",
+                                  "reverse_resid_reverse_trained.png"]
+
+
 # ==============================================================================================
 # llc.py
 
 
 # ==============================================================================================
 # explain.py
+
+
+def _nonzero_rows(w):  # [D, *] -> set of residual indices with a non-zero row
+    return set(torch.nonzero((w != 0).any(dim=1)).flatten().tolist())
+
+
+def _block_weight_dims(model, b):
+    """(reads, writes) of an explained block, straight from the model's weights."""
+    layer = model.blocks[b["layer"]]
+    if b["type"] == "attn":
+        h = b["head"]
+        reads = {"query": _nonzero_rows(layer.attn.W_Q[h]), "key": _nonzero_rows(layer.attn.W_K[h]),
+                 "value": _nonzero_rows(layer.attn.W_V[h])}
+        return reads, _nonzero_rows(layer.attn.W_O[h].T)
+    hidden = b["hidden"]
+    reads = {"in": _nonzero_rows(layer.mlp.W_in[:, hidden])}
+    return reads, _nonzero_rows(layer.mlp.W_out[hidden].T)
+
+
+def _stage(b):  # attn 0, mlp 0, attn 1, ...: the order blocks run in
+    return 2 * b["layer"] + (b["type"] == "mlp")
+
+
+def _check_explanation(model, task):
+    import explain as explain_lib
+    from tracr.compiler import rasp_to_graph
+
+    info = explain_lib.explain(model, task)
+    labels = model.residual_labels
+    index = {lab: i for i, lab in enumerate(labels)}
+    ops = {op["label"]: op for op in info["ops"]}
+
+    # Every operation of the program is named exactly once, in the list and in the printed tree.
+    graph = rasp_to_graph.extract_rasp_graph(task.program).graph
+    assert sorted(ops) == sorted(graph.nodes) and len(ops) == len(info["ops"])
+    text = explain_lib.format_explanation(info)
+    for label in ops:
+        assert sum(line.lstrip().startswith(f"{label} = ") for line in text.splitlines()) == 1
+
+    # Every computing operation has its blocks: one head or one MLP; SelectorWidth a head and the
+    # MLP of the same layer. tokens, indices and Selects have none.
+    used = [b for b in info["blocks"] if not b["unused"]]
+    for label, op in ops.items():
+        mine = [b for b in used if b["op"] == label]
+        if op["kind"] in ("tokens", "indices", "Select"):
+            assert mine == []
+        elif op["kind"] == "SelectorWidth":
+            assert sorted(b["type"] for b in mine) == ["attn", "mlp"]
+            assert mine[0]["layer"] == mine[1]["layer"]
+        else:
+            assert len(mine) == 1
+
+    # Data order: an operation runs after everything it depends on (through its Select).
+    stages = {label: [_stage(b) for b in used if b["op"] == label] for label in ops}
+    for label, op in ops.items():
+        deps = [d for c in op["children"] for d in
+                (ops[c]["children"] if ops[c]["kind"] == "Select" else [c])]
+        for d in deps:
+            if stages[label] and stages[d]:
+                assert max(stages[d]) < min(stages[label]), (label, d)
+
+    # Reported dims are the weights' non-zero rows and columns; nothing is read before it is
+    # written (the embedding writes W_E's and W_pos's non-zero columns).
+    written = _nonzero_rows(model.W_E.T) | _nonzero_rows(model.W_pos.T)
+    for stage in range(2 * model.cfg.n_layers):
+        blocks = [b for b in used if _stage(b) == stage]
+        for b in blocks:
+            reads, writes = _block_weight_dims(model, b)
+            assert {k: {index[d] for d in v} for k, v in b["reads"].items()} == reads, b["name"]
+            assert {index[d] for d in b["writes"]} == writes, b["name"]
+            assert set().union(*reads.values()) <= written, b["name"]
+        for b in blocks:
+            written |= _block_weight_dims(model, b)[1]
+
+    # Blocks marked unused are all zero; used hidden units and heads cover the rest exactly.
+    for layer in range(model.cfg.n_layers):
+        mlp = [b for b in info["blocks"] if b["layer"] == layer and b["type"] == "mlp"]
+        hidden = sorted(h for b in mlp for h in b.get("hidden", []))
+        if any(b.get("hidden") for b in mlp):
+            assert hidden == list(range(model.cfg.d_mlp))
+        for b in info["blocks"]:
+            if b["unused"] and b["layer"] == layer and b["type"] == "attn":
+                w = model.blocks[layer].attn
+                sl = slice(None) if b["head"] is None else b["head"]
+                assert all((x[sl] == 0).all() for x in (w.W_Q, w.W_K, w.W_V, w.W_O))
+    assert "DISAGREE" not in text and "MISMATCH" not in text
+    assert explain_lib.data_order_violations(info) == []
+    return info
+
+
+@pytest.mark.parametrize("name", ["reverse", "sort", "frac_prevs"])
+def test_explain_library_programs(name):
+    info = _check_explanation(*tl.load_program(name))
+    assert info["output"] == tl.load_program(name)[1].program.label
+
+
+def test_explain_user_program_with_parallel_mlps():
+    # Two Maps of the tokens land in one MLP layer side by side; a SequenceMap combines them.
+    from tracr.rasp import rasp
+    plus = rasp.categorical(rasp.Map(lambda x: x + 1, rasp.tokens)).named("plus")
+    double = rasp.categorical(rasp.Map(lambda x: 2 * x, rasp.tokens)).named("double")
+    both = rasp.categorical(rasp.SequenceMap(lambda a, b: a + b, plus, double)).named("both")
+    model, task = tl.load_rasp(both, [1, 2, 3], 4)
+    info = _check_explanation(model, task)
+    layer0 = [b for b in info["blocks"] if b["name"] == "blocks.0.mlp" and not b["unused"]]
+    assert sorted(b["op"] for b in layer0) == sorted([double.label, plus.label])
+    assert not set(layer0[0]["hidden"]) & set(layer0[1]["hidden"])
+
+
+def test_explain_cli_prints_and_stores(tmp_runs, capsys):
+    out = tmp_runs / "reverse_explained.pt"
+    assert tl.main(["reverse", "--explain", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Layer 0" in text and "computes" in text and "DISAGREE" not in text
+    run = torch.load(out, weights_only=True)  # plain data only
+    titles = run["meta"]["explain"]["titles"]
+    assert any("Aggregate" in t for t in titles.values())

@@ -651,6 +651,8 @@ def main(argv=None):
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out")
     ap.add_argument("--check", action="store_true", help="compare every input with RASP")
     ap.add_argument("--seed", type=int, default=0, help="sample seed for --check")
+    ap.add_argument("--explain", action="store_true",
+                    help="print what every block computes, in RASP terms (explain.py)")
     args = ap.parse_args(argv)
 
     try:
@@ -670,13 +672,20 @@ def main(argv=None):
             with torch.no_grad():
                 out = task.decode(model(tokens, mask), mask)[0]
             print(" ".join("-" if x is None else str(x) for x in out))
+        explanation = None
+        if args.explain or args.out:  # run files keep it, so plot.py can title blocks
+            import explain
+            explanation = explain.explain(model, task)
+            if args.explain:
+                print(explain.format_explanation(explanation))
         n_wrong = 0
         if args.check:
             n_wrong = check(args.program, model, compile_program(args.program, **overrides),
                             task, seed=args.seed)
         if args.out:
             from model import save
-            save(args.out, model, task, "tracr", residual_labels=model.residual_labels)
+            save(args.out, model, task, "tracr", residual_labels=model.residual_labels,
+                 explain=explanation)
             print(f"wrote {args.out}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
