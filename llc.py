@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
-ACCEPT_LOW, ACCEPT_HIGH = 0.8, 0.995  # healthy band for the MALA acceptance diagnostic
+ACCEPT_LOW, ACCEPT_HIGH = 0.8, 0.999  # healthy band for the MALA acceptance diagnostic
 MAX_ENUMERATE = 4096  # run files: every input if the task has at most this many, else a sample
 
 
@@ -200,9 +200,10 @@ def estimate_llc(model, loss_fn, data, *, eps, gamma, nbeta=None, chains=4, draw
             if mala:  # log q(w | new) - log q(new | w) + U(w) - U(new), same minibatch
                 loss2, g2, U2 = (step_fn(new, batch) if vectorize else
                                  (v.unsqueeze(0) for v in step_fn(new[0], batch)))
-                back = ((w[rows] - new + 0.5 * eps * g2) ** 2).sum(-1)
-                fwd = ((new - w[rows] + 0.5 * eps * g) ** 2).sum(-1)
-                log_a = U - U2 - (back - fwd) / (2 * eps)
+                step = new.double() - w[rows].double()  # float64: small steps, big weights
+                back = ((-step + 0.5 * eps * g2.double()) ** 2).sum(-1)
+                fwd = ((step + 0.5 * eps * g.double()) ** 2).sum(-1)
+                log_a = U.double() - U2.double() - (back - fwd) / (2 * eps)
                 accept_sum[rows] += torch.exp(torch.clamp(log_a, max=0.0)).nan_to_num(0.0).cpu()
             traces[rows, t] = loss.detach().float().cpu()
             w[rows] = new.detach()
