@@ -86,7 +86,8 @@ def _linear_net(widths, rank, n, seed):
 
 def test_llc_regular_linear_regression_matches_closed_form():
     # w0 at the least-squares minimum: the local posterior is Gaussian with precision
-    # n*beta*H + gamma, so the exact value at finite n*beta is (1/2) sum n*beta*h / (n*beta*h + gamma).
+    # n*beta*H + gamma, so the exact value at finite n*beta is
+    # (1/2) sum_i n*beta*h_i / (n*beta*h_i + gamma).
     g = torch.Generator().manual_seed(0)
     n, d_in, d_out, gamma = 500, 3, 3, 50.0
     x = torch.randn(n, d_in, generator=g)
