@@ -429,7 +429,7 @@ def half_squared_error(model, batch):
     return 0.5 * ((model(x) - y) ** 2).sum(-1).mean()
 
 
-def bench(eps=1e-4, gamma=5.0, chains=4, draws=2000, burnin=1000, batch_size=500, seed=0):
+def bench(eps=1e-4, gamma=5.0, chains=4, draws=1500, burnin=500, batch_size=500, seed=0):
     """The 5-5-5-5 rank-2 deep linear network (coefficient 11) through this estimator and through
     devinterp 1.3.x with the same model, data, n*beta, L(w0) and settings (one thread each).
     Returns rows for bench.py; devinterp is needed only here (make bench-deps)."""
