@@ -504,6 +504,8 @@ def build_parser():
     ap.add_argument("--batch-size", type=int, default=64, help="sequences per SGLD step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: small models gain nothing from more)")
     ap.add_argument("--unembed", default="auto", choices=("auto", "scale", "full", "none"),
                     help="fit before estimating; auto: 'scale' for tracr runs, else 'none'")
     ap.add_argument("--scale", type=float, default=None, help="fixed W_U scale (no fit)")
@@ -558,6 +560,10 @@ def write_figure(rows, path):
         y = r["nbeta"] * (r["traces"].double() - r["init_loss"])  # [C, steps]
         for c, trace in enumerate(y):
             ax.plot(trace.numpy(), lw=0.7, label=f"chain {c}")
+        post = y[:, r["burnin"]:].flatten()
+        if post.numel():  # the y range of the draws: a burn-in transient may be far larger
+            lo, hi = float(post.min()), float(post.quantile(0.995))
+            ax.set_ylim(min(lo, 0.0) - 0.05 * (hi - lo), hi + 0.3 * (hi - lo + 1e-12))
         ax.axvline(r["burnin"], color="k", ls=":", lw=1)
         ax.axhline(r["mean"], color="k", ls="--", lw=1)
         ax.set_title(f"{name} ({kind})\nLLC {r['mean']:.3g} ± {r['std']:.2g}", fontsize=8)
@@ -579,6 +585,9 @@ def main(argv=None):
         for name in ("eps", "gamma"):
             if not getattr(args, name) > 0:
                 raise ValueError(f"--{name} {getattr(args, name)}: must be > 0")
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads)
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: CUDA is not available; use cpu")
         if not args.calibrate and os.path.exists(args.figure) and not args.force:
