@@ -57,3 +57,15 @@ explain: $(VENV)
 	$(PY) tracr_load.py $(PROGRAM) --explain
 
 .PHONY: plot explain
+
+# llc.py: SGLD estimates of the local learning coefficient of every saved run (recomputed: --force
+# replaces meta['llc'] and figures/llc_traces.png). bench-deps: devinterp, for llc.bench() only.
+llc: $(VENV)
+	@mkdir -p runs
+	@test -f runs/reverse_tracr.pt || $(PY) tracr_load.py reverse --out runs/reverse_tracr.pt
+	$(PY) llc.py runs/*.pt --force
+
+bench-deps: $(VENV)
+	$(PY) -m pip install --quiet "devinterp==1.3.2" "torch==2.13.0"
+
+.PHONY: llc bench-deps
