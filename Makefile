@@ -24,7 +24,7 @@ tracr: $(VENV)
 		test -f runs/$${p}_tracr.pt || $(PY) tracr_load.py $$p --out runs/$${p}_tracr.pt || exit 1; \
 	done
 
-bench: $(VENV)
+bench: $(VENV) bench-deps
 	$(PY) bench.py
 
 clean:
