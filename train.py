@@ -3,6 +3,8 @@
     python train.py reverse                           # writes runs/reverse_trained.pt
     python train.py sort --seed 1 --steps 3000 --lr 3e-3 --batch-size 32
     python train.py hist --d-model 32 --normalization layernorm --out runs/hist_ln.pt
+    python train.py count --restarts 4                # inits chosen on a validation part
+    python train.py reverse --compare                 # trained vs compiled, same held-out set
 
 The model has the compiled model's Config (d_model, n_layers, n_heads, d_head, d_mlp, activation,
 causal flag, BOS at position 0, the Task's encoding) unless a flag overrides a field. Inputs are
@@ -19,16 +21,19 @@ Training: AdamW, linear warm-up then cosine decay of the learning rate, decouple
 weight matrices only (not on biases), shuffled mini-batches from a seeded generator. Early stop
 once held-out and train exact match are both 100%. A NaN/inf loss stops the run and keeps the
 last good state. Same seed, same result bit for bit on CPU (deterministic algorithms, seeded
-generators, one thread by default).
+generators, one thread by default). With --restarts N > 1, N inits train on the training split
+less a validation part, and validation (never the held-out set) picks one and decides the stop.
+
+Limitation: the early stop reads the held-out set (the stop rule asked for: stop once it is 100%),
+so the step count to 100% is a first-passage time on that set; train exact must be 100% too.
 """
 
-import argparse
 import copy
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
