@@ -382,6 +382,17 @@ def test_train_divergence_stops_and_keeps_last_good_state(count_task, tmp_runs):
     assert all(torch.isfinite(p).all() for p in saved.parameters())
 
 
+def test_train_restarts_are_chosen_without_the_heldout_set(count_task):
+    tr, ho = train_lib.split(count_task, seed=0)
+    base = _tiny(count_task).cfg
+    cfg = train_lib.TrainConfig(steps=60, eval_every=20, seed=0, restarts=2)
+    m1, h1, rows1 = train_lib.train_restarts(count_task, base, tr, ho, cfg, progress=False)
+    m2, h2, rows2 = train_lib.train_restarts(count_task, base, tr, ho[:3], cfg, progress=False)
+    assert [r["seed"] for r in rows1] == [0, 1000] and len(rows2) == 2  # 60 steps: unsolved
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert [r["val_exact"] for r in h1] == [r["val_exact"] for r in h2]
+
+
 def test_train_cli_bad_input_one_line_exit_1(tmp_runs, capsys):
     existing = tmp_runs / "exists.pt"
     existing.write_bytes(b"x")

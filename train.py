@@ -3,6 +3,8 @@
     python train.py reverse                           # writes runs/reverse_trained.pt
     python train.py sort --seed 1 --steps 3000 --lr 3e-3 --batch-size 32
     python train.py hist --d-model 32 --normalization layernorm --out runs/hist_ln.pt
+    python train.py count --restarts 4                # inits chosen on a validation part
+    python train.py reverse --compare                 # trained vs compiled, same held-out set
 
 The model has the compiled model's Config (d_model, n_layers, n_heads, d_head, d_mlp, activation,
 causal flag, BOS at position 0, the Task's encoding) unless a flag overrides a field. Inputs are
@@ -19,16 +21,19 @@ Training: AdamW, linear warm-up then cosine decay of the learning rate, decouple
 weight matrices only (not on biases), shuffled mini-batches from a seeded generator. Early stop
 once held-out and train exact match are both 100%. A NaN/inf loss stops the run and keeps the
 last good state. Same seed, same result bit for bit on CPU (deterministic algorithms, seeded
-generators, one thread by default).
+generators, one thread by default). With --restarts N > 1, N inits train on the training split
+less a validation part, and validation (never the held-out set) picks one and decides the stop.
+
+Limitation: the early stop reads the held-out set (the stop rule asked for: stop once it is 100%),
+so the step count to 100% is a first-passage time on that set; train exact must be 100% too.
 """
 
-import argparse
 import copy
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +65,9 @@ class TrainConfig:
     early_stop: bool = True  # stop at 100% exact match on held-out and train inputs
     device: str = "cpu"
     threads: int = 1  # torch CPU threads while training (0: leave as is); 1 is fastest here
+    restarts: int = 1  # >1: that many inits, chosen on a validation part of the training split
+    val_fraction: float = 0.1  # the validation part's share of the training split (restarts>1)
+    val_patience: int = 6  # with a validation part: evals in a row at 100% before stopping
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every"):
@@ -76,6 +84,10 @@ class TrainConfig:
             raise ValueError(f"warmup={self.warmup!r}: must be >= 0")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing={self.label_smoothing!r}: must be in [0, 1)")
+        if not isinstance(self.restarts, int) or self.restarts < 1:
+            raise ValueError(f"restarts={self.restarts!r}: must be a positive integer")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction={self.val_fraction!r}: must be in (0, 1)")
         if not 0 <= self.min_lr_frac <= 1:
             raise ValueError(f"min_lr_frac={self.min_lr_frac!r}: must be in [0, 1]")
 
@@ -262,6 +274,7 @@ def _train(model, task, train_inputs, heldout_inputs, cfg, extra_loss, out, prog
         order, pos = resume["order"], resume["pos"]
     bs = min(cfg.batch_size, len(data_tr))
     meta = dict(meta or {})
+    solved_for = 0
     best = max((h[decide] for h in history), default=-1.0)
     good = _snapshot(model, opt, gen, history, step, order, pos)
     t0 = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
@@ -333,10 +346,54 @@ def _train(model, task, train_inputs, heldout_inputs, cfg, extra_loss, out, prog
                 save(good)
             # Both sets, so that a run never stops on a lucky held-out draw while still wrong on
             # inputs it was trained on: at the stop every input of the task is right.
-            stop = cfg.early_stop and row[decide] == 1.0 and tr["exact"] == 1.0
+            # A validation part is small, so a run goes on for a few evals after reaching it.
+            solved_for = solved_for + 1 if row[decide] == 1.0 and tr["exact"] == 1.0 else 0
+            stop = cfg.early_stop and solved_for >= (1 if data_val is None else cfg.val_patience)
     bar.close()
     save(_snapshot(model, opt, gen, history, step, order, pos))
     return history
+
+
+def train_restarts(task, base, train_inputs, heldout_inputs, cfg, shape=None, out=None,
+                   progress=True, meta=None, log=None):
+    """cfg.restarts inits (seeds cfg.seed + 1000 * r), each trained on the training split less a
+    validation part (cfg.val_fraction, drawn by cfg.seed); the first whose train and validation
+    exact match are both 100% is kept, else the one best on validation. The held-out set decides
+    nothing. Returns (model, history, restart rows). With cfg.restarts == 1 it is plain train()
+    on the whole training split.
+    Limitation: runs with restarts > 1 are not resumable (each restart starts from scratch).
+    """
+    shape = shape or {}
+    if cfg.restarts == 1:
+        model = model_like(task, base, seed=cfg.seed, **shape)
+        history = train(model, task, train_inputs, heldout_inputs, cfg, out=out,
+                        progress=progress, meta=meta, log=log)
+        return model, history, []
+    order = torch.randperm(len(train_inputs),
+                           generator=torch.Generator().manual_seed(cfg.seed + 7)).tolist()
+    n_val = max(1, round(cfg.val_fraction * len(train_inputs)))
+    val = [train_inputs[i] for i in order[:n_val]]
+    fit = [train_inputs[i] for i in order[n_val:]]
+    best, rows = None, []
+    for r in range(cfg.restarts):
+        rcfg = replace(cfg, seed=cfg.seed + 1000 * r)
+        model = model_like(task, base, seed=rcfg.seed, **shape)
+        history = train(model, task, fit, heldout_inputs, rcfg, progress=progress, log=log,
+                        val_inputs=val)
+        last = history[-1]
+        rows.append({"restart": r, "seed": rcfg.seed, "steps": last["step"],
+                     "train_exact": last["train_exact"], "val_exact": last["val_exact"],
+                     "heldout_exact": last["heldout_exact"]})
+        key = (last["val_exact"], last["train_exact"])
+        if best is None or key > best[0]:
+            best = (key, model, history)
+        if key == (1.0, 1.0):
+            break
+    _, model, history = best
+    if out is not None:
+        model_lib.save(out, model, task, "trained", **dict(meta or {}), train_config=_plain(cfg),
+                       history=history, restarts=rows, n_fit=len(fit), n_val=len(val))
+    return model, history, rows
 
 
 def _snapshot(model, opt, gen, history, step, order, pos):
@@ -477,6 +534,9 @@ def build_parser():
     ap.add_argument("--grad-clip", type=float, default=d.grad_clip)
     ap.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     ap.add_argument("--eval-every", type=int, default=d.eval_every)
+    ap.add_argument("--restarts", type=int, default=d.restarts,
+                    help="inits to try, chosen on a validation part of the training split")
+    ap.add_argument("--val-fraction", type=float, default=d.val_fraction)
     ap.add_argument("--holdout", type=float, default=d.holdout)
     ap.add_argument("--no-early-stop", action="store_true", help="train all --steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -511,7 +571,8 @@ def main(argv=None):
                           min_lr_frac=args.min_lr_frac, grad_clip=args.grad_clip,
                           label_smoothing=args.label_smoothing,
                           early_stop=not args.no_early_stop, device=args.device,
-                          threads=args.threads)
+                          threads=args.threads, restarts=args.restarts,
+                          val_fraction=args.val_fraction)
         overrides = {"max_seq_len": args.max_seq_len, "causal": args.causal or None}
         if args.vocab is not None:
             overrides["vocab"] = tl.parse_vocab(args.vocab)
@@ -537,7 +598,8 @@ def main(argv=None):
             model, task, meta = model_lib.load(out)
             resume = meta.get("resume")
             if resume is None:
-                raise ValueError(f"{out} holds no resume state")
+                raise ValueError(f"{out} holds no resume state (runs with --restarts > 1 have "
+                                 "none)")
             old = meta["train_config"]
             old["betas"] = tuple(old["betas"])
             cfg = replace(TrainConfig(**old), steps=args.steps, device=args.device)
@@ -553,10 +615,18 @@ def main(argv=None):
                     "compiled_shape": asdict(base)}
         print(f"{args.program}: {model.n_params()} parameters, shape {_shape_str(model.cfg)}; "
               f"{len(train_inputs)} train / {len(heldout_inputs)} held-out inputs")
+        log = print if args.quiet else None
         try:
-            history = train(model, task, train_inputs, heldout_inputs, cfg, out=out,
-                            progress=not args.quiet, meta=meta, resume=resume,
-                            log=print if args.quiet else None)
+            if resume is not None:
+                history = train(model, task, train_inputs, heldout_inputs, cfg, out=out,
+                                progress=not args.quiet, meta=meta, resume=resume, log=log)
+            else:
+                model, history, rows = train_restarts(task, base, train_inputs, heldout_inputs,
+                                                      cfg, shape, out, not args.quiet, meta, log)
+                for r in rows:
+                    print(f"restart {r['restart']} (seed {r['seed']}): {r['steps']} steps, "
+                          f"train exact {r['train_exact']:.3f}, validation exact "
+                          f"{r['val_exact']:.3f}")
         except Diverged as e:
             print(f"error: diverged: {e}", file=sys.stderr)
             return 1
