@@ -46,3 +46,15 @@ train-all: $(VENV)
 	@for p in $(PROGRAMS); do $(PY) train.py $$p --compare || exit 1; done
 
 .PHONY: train train-all
+
+# regularize.py: L1 sweeps from scratch and the compiled model trained under dropout.
+REG_PROGRAMS ?= reverse sort
+
+regularize: $(VENV)
+	@for p in $(REG_PROGRAMS); do \
+		$(PY) regularize.py $$p --sweep l1-weights --quiet || exit 1; \
+		$(PY) regularize.py $$p --sweep dropout --from-tracr --strengths "0.05 0.1" --quiet \
+			|| exit 1; \
+	done
+
+.PHONY: regularize

@@ -3,7 +3,7 @@
     python regularize.py reverse --l1-weights 1e-4                 # L1 on every weight matrix
     python regularize.py sort --l2-weights 1e-3 --l1-acts mlp:all  # L2, plus L1 on MLP hidden units
     python regularize.py reverse --dropout 0.1 --dropout-samples 4 # neuron dropout, 4 masks a batch
-    python regularize.py reverse --from-tracr --dropout 0.1        # make tracr's model dropout-proof
+    python regularize.py reverse --from-tracr --dropout 0.1        # tracr's model, dropout-proof
     python regularize.py reverse --sweep l1-weights                # strength -> accuracy, sparsity,
                                                                    # alignment; a figure in figures/
 
@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_lib
+import train as train_lib
 import tracr_load as tl
 
 THRESHOLD = 1e-2  # a weight counts as zero below this fraction of the largest |w|
@@ -53,7 +54,7 @@ FIRE_THRESHOLD = 1e-2  # a unit fires if it writes more than this fraction of ma
 ACT_SITES = ("resid", "mlp", "both")
 ACT_LAYERS = ("all", "last")
 SWEEPS = {  # what --sweep varies -> the strengths it runs (0 = the plain trained model)
-    "l1-weights": [0.0, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3],
+    "l1-weights": [0.0, 1e-5, 1e-4, 3e-4, 1e-3],
     "l2-weights": [0.0, 1e-4, 1e-3, 1e-2, 3e-2],
     "l1-acts": [0.0, 1e-4, 1e-3, 1e-2],
     "dropout": [0.0, 0.05, 0.1, 0.2],
@@ -235,3 +236,385 @@ def _overrides(task):
     s = dict(task.settings)
     s["vocab"] = tuple(s["vocab"])
     return s
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout
+
+
+def dropout_accuracy(model, task, inputs, samples=20, seed=0):
+    """Exact match with dropout on (training mode), over `samples` independent dropout draws.
+
+    Returns dict(mean=mean over draws of the fraction of inputs all right, worst=the lowest
+    draw, always=fraction of inputs right in every draw, samples=samples, p=cfg.dropout).
+    """
+    data = inputs if isinstance(inputs, train_lib.Data) else train_lib.Data(
+        task, inputs, train_lib._device(model))
+    was_training = model.training
+    model.train()
+    per_draw, always = [], torch.ones(len(data), dtype=torch.bool)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(samples):
+            out = model(data.tokens, data.mask)  # [N, T, O]
+            right = train_lib._right(out, task, data.y, data.valid).all(1).cpu()  # [N]
+            per_draw.append(right.float().mean().item())
+            always &= right
+    model.train(was_training)
+    return {"mean": float(np.mean(per_draw)), "worst": min(per_draw),
+            "always": always.float().mean().item(), "samples": samples,
+            "p": model.cfg.dropout}
+
+
+class DropoutSamples:
+    """The extra loss that turns train.py's one-mask loss into the mean over K dropout masks.
+
+    train.py's step computes L_1 = loss(batch, mask 1) and adds extra_loss. This returns
+        (1/K) sum_{k=2..K} L_k  -  ((K-1)/K) L_1,
+    so the total is (1/K) sum_k L_k, gradient included. L_1 is recomputed from the same forward
+    pass's cache (the last resid_post, then ln_final and W_U), so it is the same graph, not a new
+    dropout draw. Targets of a batch are found by its token rows (train.py passes tokens only).
+    """
+
+    def __init__(self, task, train_inputs, k, label_smoothing=0.0, device="cpu"):
+        if k < 1:
+            raise ValueError(f"--dropout-samples {k}: must be >= 1")
+        self.task, self.k, self.ls = task, k, label_smoothing
+        self.data = train_lib.Data(task, train_inputs, device)
+        self.row = {tuple(t.tolist()): i for i, t in enumerate(self.data.tokens)}
+
+    def __call__(self, model, cache, tokens, mask):
+        if self.k == 1:
+            return tokens.new_zeros((), dtype=torch.float32)
+        idx = torch.tensor([self.row[tuple(t.tolist())] for t in tokens])
+        _, _, y, valid = self.data.batch(idx.to(tokens.device))  # [B, T] each
+        L = model.cfg.n_layers
+        out1 = model.ln_final(cache[f"blocks.{L - 1}.resid_post"]) @ model.W_U + model.b_U
+        loss1 = train_lib._loss(out1, self.task, y, valid, self.ls)
+        r = self.k - 1
+        more = train_lib.loss_fn(model, self.task, tokens.repeat(r, 1), mask.repeat(r, 1),
+                                 y.repeat(r, 1), valid.repeat(r, 1), None, self.ls)
+        # `more` is the mean over the K-1 extra draws (equal numbers of valid positions each).
+        return (r / self.k) * more - (r / self.k) * loss1
+
+
+# ----------------------------------------------------------------------------------------------
+# One regularized run
+
+
+def make_extra_loss(task, train_inputs, cfg, l1_weights_a=0.0, l2_weights_a=0.0, acts=None,
+                    l1_acts_a=0.0, dropout_samples=1):
+    """extra_loss(model, cache, tokens, mask) for train.train, or None when nothing is asked."""
+    samples = DropoutSamples(task, train_inputs, dropout_samples, device=cfg.device) \
+        if dropout_samples > 1 else None
+    if not (l1_weights_a or l2_weights_a or (acts and l1_acts_a) or samples):
+        return None
+
+    def extra(model, cache, tokens, mask):
+        total = tokens.new_zeros((), dtype=torch.float32)
+        if l1_weights_a:
+            total = total + l1_weights_a * l1_weights(model)
+        if l2_weights_a:
+            total = total + l2_weights_a * l2_weights(model)
+        if acts and l1_acts_a:
+            total = total + l1_acts_a * l1_acts(
+                cache, mask, activation_names(model.cfg.n_layers, *acts))
+        if samples is not None:
+            total = total + samples(model, cache, tokens, mask)
+        return total
+    return extra
+
+
+def run_name(reg):
+    """<what> of runs/P_regularized_<what>.pt: every setting that is on, e.g. l1-weights-0.0001."""
+    parts = ["from-tracr"] if reg.get("from_tracr") else []
+    for key in ("l1_weights", "l2_weights", "l1_acts_strength", "dropout"):
+        if reg.get(key):
+            name = key.replace("_", "-")
+            if key == "l1_acts_strength":
+                name = "l1-acts-" + reg["l1_acts"].replace(":", "-")
+            parts.append(f"{name}-{reg[key]:g}")
+    if reg.get("dropout") and reg.get("dropout_samples", 1) > 1:
+        parts.append(f"x{reg['dropout_samples']}")
+    return "_".join(parts) or "none"
+
+
+def default_reg(**changes):
+    reg = {"l1_weights": 0.0, "l2_weights": 0.0, "l1_acts": None, "l1_acts_strength": 0.0,
+           "dropout": 0.0, "dropout_samples": 1, "from_tracr": False}
+    unknown = set(changes) - set(reg)
+    if unknown:
+        raise ValueError(f"unknown regularization setting(s) {sorted(unknown)}; "
+                         f"allowed: {', '.join(reg)}")
+    reg.update(changes)
+    for key in ("l1_weights", "l2_weights", "l1_acts_strength"):
+        if not reg[key] >= 0 or not math.isfinite(reg[key]):
+            raise ValueError(f"--{key.replace('_', '-')} {reg[key]}: must be a number >= 0")
+    if not 0 <= reg["dropout"] < 1:
+        raise ValueError(f"--dropout {reg['dropout']}: must be in [0, 1)")
+    if reg["l1_acts_strength"] and reg["l1_acts"] is None:
+        reg["l1_acts"] = "both:all"
+    if reg["l1_acts"] is not None:
+        parse_acts(reg["l1_acts"])
+    if reg["from_tracr"] and not reg["dropout"]:
+        raise ValueError("--from-tracr trains the compiled model under dropout: give --dropout P "
+                         "with 0 < P < 1")
+    return reg
+
+
+def regularized_run(program, reg, cfg, out=None, progress=True, compiled=None, task=None):
+    """Train one model of the compiled shape under the settings reg (see default_reg).
+
+    From scratch (train.model_like, seeded) or, with reg['from_tracr'], from the compiled weights.
+    Returns (model, task, meta); writes out (kind 'regularized') when given.
+    """
+    if compiled is None:
+        compiled, task = tl.load_program(program)
+    base = replace(compiled.cfg, dropout=reg["dropout"])
+    if reg["from_tracr"]:
+        model = model_lib.Transformer(base)
+        model.load_state_dict(compiled.state_dict())
+    else:
+        model = train_lib.model_like(task, base, seed=cfg.seed)
+    train_inputs, heldout_inputs = train_lib.split(task, cfg.seed, cfg.holdout)
+    acts = parse_acts(reg["l1_acts"]) if reg["l1_acts"] else None
+    extra = make_extra_loss(task, train_inputs, cfg, reg["l1_weights"], reg["l2_weights"], acts,
+                            reg["l1_acts_strength"], reg["dropout_samples"])
+    everything = eval_inputs(task)
+    meta = {"program": program, "regularization": dict(reg), "split_seed": cfg.seed,
+            "n_train": len(train_inputs), "n_heldout": len(heldout_inputs)}
+    if reg["dropout"]:
+        meta["dropout_before"] = dropout_accuracy(model, task, everything, seed=cfg.seed)
+
+    history = train_lib.train(model, task, train_inputs, heldout_inputs, cfg, extra_loss=extra,
+                              out=out, progress=progress, meta=meta)
+    model.eval()
+    meta["train_config"] = train_lib._plain(cfg)
+    meta["history"] = history
+    meta["train_exact"] = train_lib.evaluate(model, task, train_inputs)["exact"]
+    meta["heldout_exact"] = train_lib.evaluate(model, task, heldout_inputs)["exact"]
+    meta["all_exact"] = train_lib.evaluate(model, task, everything)["exact"]
+    if reg["dropout"]:
+        meta["dropout_after"] = dropout_accuracy(model, task, everything, seed=cfg.seed)
+        meta["dropout_after_heldout"] = dropout_accuracy(model, task, heldout_inputs,
+                                                         seed=cfg.seed)
+    meta["likeness"] = compiled_likeness(model, task, compiled, everything)
+    if out is not None:  # train.py writes kind 'trained' while it runs; the final file is ours
+        model_lib.save(out, model, task, "regularized", **meta)
+    return model, task, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def sweep_key(what):
+    return {"l1-weights": "l1_weights", "l2-weights": "l2_weights", "l1-acts": "l1_acts_strength",
+            "dropout": "dropout"}[what]
+
+
+def summary_row(strength, meta):
+    """One line of the sweep table, from a run's meta."""
+    L = meta["likeness"]
+    row = {"strength": strength, "heldout_exact": meta["heldout_exact"],
+           "train_exact": meta["train_exact"], "weights_above": L["weights_above"],
+           "weights_total": L["weights_total"], "sparsity": L["sparsity"],
+           "mlp_units": L["mlp_units"], "heads": L["heads"], "r2": L["r2"],
+           "r2_mean": L["r2_mean"]}
+    if "dropout_after" in meta:
+        row["dropout_before"] = meta["dropout_before"]["mean"]
+        row["dropout_exact"] = meta["dropout_after"]["mean"]
+    return row
+
+
+def run_sweep(program, what, strengths, reg, cfg, force=False, progress=True, runs_dir="runs"):
+    """One regularized run per strength of `what`; returns the table rows (summary_row dicts).
+    A run file that already holds the same settings is read back instead of trained again."""
+    if what not in SWEEPS:
+        raise ValueError(f"--sweep {what!r}: allowed are {', '.join(SWEEPS)}")
+    key = sweep_key(what)
+    compiled, task = tl.load_program(program)
+    rows = []
+    for a in strengths:
+        r = default_reg(**dict(reg, **{key: a}))
+        if what == "l1-acts" and a and r["l1_acts"] is None:
+            r["l1_acts"] = "both:all"
+        path = os.path.join(runs_dir, f"{program}_regularized_{run_name(r)}.pt")
+        meta = None
+        if os.path.exists(path) and not force:
+            _, _, meta = model_lib.load(path)
+            if meta.get("regularization") != r or meta.get("train_config") != \
+                    train_lib._plain(cfg) or meta.get("kind") != "regularized":
+                raise ValueError(f"{path} exists with other settings; pass --force to "
+                                 "overwrite it")
+            print(f"{program}: reusing {path}")
+        if meta is None:
+            _, _, meta = regularized_run(program, r, cfg, path, progress, compiled, task)
+        rows.append(summary_row(a, meta))
+        print(format_row(rows[-1], len(rows) == 1), flush=True)
+    return rows
+
+
+def format_row(row, header=False):
+    """A fixed-width table line (with the header line first when header)."""
+    stages = [k for k in row["r2"] if k.endswith("resid_post")]
+    cols = ["strength", "held-out", "train", "W above", "sparsity", "MLP", "heads"] + \
+        [f"R2 L{k.split('.')[1]}" for k in stages] + ["R2 mean"]
+    cells = [f"{row['strength']:g}", f"{row['heldout_exact']:.3f}", f"{row['train_exact']:.3f}",
+             f"{row['weights_above']}", f"{row['sparsity']:.4f}", f"{row['mlp_units']}",
+             f"{row['heads']}"] + [f"{row['r2'][k]:.3f}" for k in stages] + \
+        [f"{row['r2_mean']:.3f}"]
+    if "dropout_exact" in row:
+        cols += ["drop before", "drop after"]
+        cells += [f"{row['dropout_before']:.3f}", f"{row['dropout_exact']:.3f}"]
+    line = " | ".join(c.rjust(8) for c in cells)
+    if header:
+        return " | ".join(c.rjust(8) for c in cols) + "\n" + line
+    return line
+
+
+def plot_sweep(program, what, rows, path):
+    """Held-out accuracy, weights above threshold and R^2 per layer against strength."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["strength"] for r in rows]
+    nonzero = [v for v in x if v > 0]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax in axes:
+        if nonzero:
+            ax.set_xscale("symlog", linthresh=min(nonzero))
+        ax.set_xlabel(f"{what} strength")
+        ax.grid(alpha=0.3)
+    axes[0].plot(x, [r["heldout_exact"] for r in rows], "o-", label="held-out exact")
+    axes[0].plot(x, [r["train_exact"] for r in rows], "s--", label="train exact")
+    if "dropout_exact" in rows[0]:
+        axes[0].plot(x, [r["dropout_exact"] for r in rows], "^:", label="all, dropout on")
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[0].set_title(f"{program}: accuracy")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(x, [r["weights_above"] for r in rows], "o-")
+    axes[1].set_yscale("log")
+    axes[1].set_title(f"weights >= {THRESHOLD:g} max|w| (of {rows[0]['weights_total']})")
+    for stage in rows[0]["r2"]:
+        if stage == "embed" or stage.endswith("resid_post"):
+            axes[2].plot(x, [r["r2"][stage] for r in rows], "o-",
+                         label=stage.replace("blocks.", "L").replace(".resid_post", " post"))
+    axes[2].set_title("R^2 to the compiled residual stream")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    ap = tl._Parser(description="Train under penalties or dropout; measure compiled-likeness.")
+    ap.add_argument("program", help="a tracr_load program, e.g. reverse, sort")
+    ap.add_argument("--l1-weights", type=float, default=0.0, help="strength a of a*sum|W|")
+    ap.add_argument("--l2-weights", type=float, default=0.0, help="strength a of a*sum W^2")
+    ap.add_argument("--l1-acts", metavar="SITE[:LAYERS]",
+                    help="L1 on activations: SITE resid|mlp|both, LAYERS all|last")
+    ap.add_argument("--l1-acts-strength", type=float, default=None,
+                    help="strength of --l1-acts (default 1e-3)")
+    ap.add_argument("--dropout", type=float, default=0.0, help="neuron dropout probability")
+    ap.add_argument("--dropout-samples", type=int, default=1, help="dropout masks per batch")
+    ap.add_argument("--from-tracr", action="store_true",
+                    help="start from the compiled weights (needs --dropout)")
+    ap.add_argument("--sweep", choices=list(SWEEPS), help="run a range of strengths")
+    ap.add_argument("--strengths", help="the sweep's strengths, e.g. '0 1e-4 1e-3'")
+    d = train_lib.TrainConfig()
+    ap.add_argument("--seed", type=int, default=d.seed, help="init, batch order and split")
+    ap.add_argument("--steps", type=int, help="default 3000 (2000 with --from-tracr)")
+    ap.add_argument("--lr", type=float, help="default 3e-3 (1e-3 with --from-tracr)")
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--weight-decay", type=float,
+                    help=f"AdamW decay, default {d.weight_decay} (0 with --from-tracr)")
+    ap.add_argument("--early-stop", action="store_true",
+                    help="stop at 100%% held-out (off by default: penalties need time to act)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", help="run file (default runs/PROGRAM_regularized_<what>.pt)")
+    ap.add_argument("--figure", help="sweep figure (default figures/PROGRAM_sweep_<what>.png)")
+    ap.add_argument("--force", action="store_true", help="overwrite existing run files")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar or eval lines")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available; use cpu")
+        tl.program_spec(args.program)
+        if args.l1_acts is not None and args.l1_acts_strength is None:
+            args.l1_acts_strength = 1e-3
+        strengths = SWEEPS.get(args.sweep, [])
+        if args.strengths:
+            try:
+                strengths = [float(s) for s in args.strengths.replace(",", " ").split()]
+            except ValueError:
+                raise ValueError(f"--strengths {args.strengths!r}: give numbers, "
+                                 "e.g. '0 1e-4 1e-3'") from None
+        if args.sweep == "dropout" and args.from_tracr:
+            strengths = [p for p in strengths if p > 0]  # the compiled model itself is p = 0
+        dropout = args.dropout
+        if args.sweep == "dropout" and strengths:
+            dropout = max(strengths)  # only to validate the settings; each run sets its own
+        reg = default_reg(l1_weights=args.l1_weights, l2_weights=args.l2_weights,
+                          l1_acts=args.l1_acts, l1_acts_strength=args.l1_acts_strength or 0.0,
+                          dropout=dropout, dropout_samples=args.dropout_samples,
+                          from_tracr=args.from_tracr)
+        if args.dropout_samples < 1:
+            raise ValueError(f"--dropout-samples {args.dropout_samples}: must be >= 1")
+        ft = args.from_tracr
+        cfg = train_lib.TrainConfig(
+            steps=args.steps or (2000 if ft else 3000), lr=args.lr or (1e-3 if ft else 3e-3),
+            batch_size=args.batch_size, seed=args.seed,
+            weight_decay=args.weight_decay if args.weight_decay is not None else
+            (0.0 if ft else train_lib.TrainConfig().weight_decay),
+            early_stop=args.early_stop, device=args.device, eval_every=100)
+        torch.use_deterministic_algorithms(True)
+
+        if args.sweep:
+            if args.out:
+                raise ValueError("--out names one run; a sweep writes "
+                                 "runs/PROGRAM_regularized_<what>.pt for each strength")
+            if not strengths:
+                raise ValueError("--strengths: give at least one strength")
+            rows = run_sweep(args.program, args.sweep, strengths, reg, cfg, args.force,
+                             not args.quiet)
+            what = ("from-tracr_" if args.from_tracr else "") + args.sweep
+            fig = args.figure or os.path.join("figures", f"{args.program}_sweep_{what}.png")
+            plot_sweep(args.program, args.sweep, rows, fig)
+            print(f"wrote {fig}")
+            return 0
+
+        out = args.out or os.path.join("runs", f"{args.program}_regularized_{run_name(reg)}.pt")
+        if os.path.exists(out) and not args.force:
+            raise ValueError(f"{out} exists; pass --force to overwrite it")
+        _, _, meta = regularized_run(args.program, reg, cfg, out, not args.quiet)
+        print(format_row(summary_row(0.0, meta), header=True))
+        for when in ("before", "after"):
+            if f"dropout_{when}" in meta:
+                d = meta[f"dropout_{when}"]
+                print(f"dropout {d['p']:g} on, {when} training: exact {d['mean']:.3f} "
+                      f"(worst of {d['samples']} draws {d['worst']:.3f})")
+        print(f"wrote {out}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except train_lib.Diverged as e:
+        print(f"error: diverged: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
