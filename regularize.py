@@ -54,7 +54,7 @@ FIRE_THRESHOLD = 1e-2  # a unit fires if it writes more than this fraction of ma
 ACT_SITES = ("resid", "mlp", "both")
 ACT_LAYERS = ("all", "last")
 SWEEPS = {  # what --sweep varies -> the strengths it runs (0 = the plain trained model)
-    "l1-weights": [0.0, 1e-5, 1e-4, 3e-4, 1e-3],
+    "l1-weights": [0.0, 3e-5, 1e-4, 1e-3],
     "l2-weights": [0.0, 1e-4, 1e-3, 1e-2, 3e-2],
     "l1-acts": [0.0, 1e-4, 1e-3, 1e-2],
     "dropout": [0.0, 0.05, 0.1, 0.2],
@@ -341,7 +341,7 @@ def run_name(reg):
 
 def default_reg(**changes):
     reg = {"l1_weights": 0.0, "l2_weights": 0.0, "l1_acts": None, "l1_acts_strength": 0.0,
-           "dropout": 0.0, "dropout_samples": 1, "from_tracr": False}
+           "dropout": 0.0, "dropout_samples": 1, "from_tracr": False, "init_noise": 0.0}
     unknown = set(changes) - set(reg)
     if unknown:
         raise ValueError(f"unknown regularization setting(s) {sorted(unknown)}; "
@@ -350,6 +350,10 @@ def default_reg(**changes):
     for key in ("l1_weights", "l2_weights", "l1_acts_strength"):
         if not reg[key] >= 0 or not math.isfinite(reg[key]):
             raise ValueError(f"--{key.replace('_', '-')} {reg[key]}: must be a number >= 0")
+    if not reg["init_noise"] >= 0 or not math.isfinite(reg["init_noise"]):
+        raise ValueError(f"--init-noise {reg['init_noise']}: must be a number >= 0")
+    if reg["init_noise"] and not reg["from_tracr"]:
+        raise ValueError("--init-noise perturbs the compiled weights: it needs --from-tracr")
     if not 0 <= reg["dropout"] < 1:
         raise ValueError(f"--dropout {reg['dropout']}: must be in [0, 1)")
     if reg["l1_acts_strength"] and reg["l1_acts"] is None:
@@ -371,20 +375,25 @@ def regularized_run(program, reg, cfg, out=None, progress=True, compiled=None, t
     if compiled is None:
         compiled, task = tl.load_program(program)
     base = replace(compiled.cfg, dropout=reg["dropout"])
+    everything = eval_inputs(task)
+    meta = {"program": program, "regularization": dict(reg), "split_seed": cfg.seed}
     if reg["from_tracr"]:
         model = model_lib.Transformer(base)
         model.load_state_dict(compiled.state_dict())
+        meta["dropout_before"] = dropout_accuracy(model, task, everything, seed=cfg.seed)
+        # tracr's zeros are a saddle: a residual direction no weight writes or reads gets no
+        # gradient, so redundant copies (what dropout needs) can never grow. Noise breaks it.
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            for _, p in weight_matrices(model):
+                p.add_(reg["init_noise"] * torch.randn_like(p))
     else:
         model = train_lib.model_like(task, base, seed=cfg.seed)
     train_inputs, heldout_inputs = train_lib.split(task, cfg.seed, cfg.holdout)
     acts = parse_acts(reg["l1_acts"]) if reg["l1_acts"] else None
     extra = make_extra_loss(task, train_inputs, cfg, reg["l1_weights"], reg["l2_weights"], acts,
                             reg["l1_acts_strength"], reg["dropout_samples"])
-    everything = eval_inputs(task)
-    meta = {"program": program, "regularization": dict(reg), "split_seed": cfg.seed,
-            "n_train": len(train_inputs), "n_heldout": len(heldout_inputs)}
-    if reg["dropout"]:
-        meta["dropout_before"] = dropout_accuracy(model, task, everything, seed=cfg.seed)
+    meta.update(n_train=len(train_inputs), n_heldout=len(heldout_inputs))
 
     history = train_lib.train(model, task, train_inputs, heldout_inputs, cfg, extra_loss=extra,
                               out=out, progress=progress, meta=meta)
@@ -422,7 +431,7 @@ def summary_row(strength, meta):
            "mlp_units": L["mlp_units"], "heads": L["heads"], "r2": L["r2"],
            "r2_mean": L["r2_mean"]}
     if "dropout_after" in meta:
-        row["dropout_before"] = meta["dropout_before"]["mean"]
+        row["dropout_before"] = meta.get("dropout_before", {}).get("mean", float("nan"))
         row["dropout_exact"] = meta["dropout_after"]["mean"]
     return row
 
@@ -443,7 +452,7 @@ def run_sweep(program, what, strengths, reg, cfg, force=False, progress=True, ru
         meta = None
         if os.path.exists(path) and not force:
             _, _, meta = model_lib.load(path)
-            if meta.get("regularization") != r or meta.get("train_config") != \
+            if dict(default_reg(), **meta.get("regularization", {})) != r or meta.get("train_config") != \
                     train_lib._plain(cfg) or meta.get("kind") != "regularized":
                 raise ValueError(f"{path} exists with other settings; pass --force to "
                                  "overwrite it")
@@ -512,6 +521,49 @@ def plot_sweep(program, what, rows, path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Bench rows (bench.py calls this)
+
+
+def bench(programs=("reverse", "sort"), runs_dir="runs"):
+    """Rows from the run files of `make regularize` (those present) and one measured now:
+    how many weights are above threshold in a fresh model against the compiled one."""
+    import glob
+    rows = []
+    compiled, task = tl.load_program(programs[0])
+    fresh = train_lib.model_like(task, compiled.cfg, seed=0)
+    a = compiled_likeness(fresh, task, compiled)
+    b = compiled_likeness(compiled, task, compiled)
+    rows.append({"name": f"regularize {programs[0]}: weights above threshold, fresh init / "
+                 "compiled", "fresh": a["weights_above"], "compiled": b["weights_above"],
+                 "ratio": a["weights_above"] / b["weights_above"], "r2_mean_fresh": a["r2_mean"]})
+    for p in programs:
+        runs = []
+        for path in sorted(glob.glob(os.path.join(runs_dir, f"{p}_regularized_*.pt"))):
+            run = model_lib.read_run(path)
+            runs.append((path, run["meta"]))
+        plain = [m for path, m in runs if path.endswith("_regularized_none.pt")]
+        l1 = [m for _, m in runs if set(k for k, v in m["regularization"].items() if v) ==
+              {"l1_weights"} and m["heldout_exact"] == 1.0]
+        if plain and l1:
+            best = min(l1, key=lambda m: m["likeness"]["weights_above"])
+            n0, n1 = plain[0]["likeness"]["weights_above"], best["likeness"]["weights_above"]
+            rows.append({"name": f"regularize {p}: weights above threshold, plain / sparsest "
+                         "L1 run at 100% held-out", "plain": n0, "l1": n1, "ratio": n0 / n1,
+                         "l1_weights": best["regularization"]["l1_weights"],
+                         "r2_mean_plain": plain[0]["likeness"]["r2_mean"],
+                         "r2_mean_l1": best["likeness"]["r2_mean"]})
+        for _, m in runs:
+            if m["regularization"].get("from_tracr"):
+                rows.append({"name": f"regularize {p}: compiled model, exact match with dropout "
+                             f"{m['regularization']['dropout']:g} on, before -> after training",
+                             "before": m["dropout_before"]["mean"],
+                             "after": m["dropout_after"]["mean"],
+                             "after_worst": m["dropout_after"]["worst"],
+                             "eval_exact": m["all_exact"]})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -528,12 +580,14 @@ def build_parser():
     ap.add_argument("--dropout-samples", type=int, default=1, help="dropout masks per batch")
     ap.add_argument("--from-tracr", action="store_true",
                     help="start from the compiled weights (needs --dropout)")
+    ap.add_argument("--init-noise", type=float, default=None,
+                    help="--from-tracr: std of noise added to every weight (default 0.01)")
     ap.add_argument("--sweep", choices=list(SWEEPS), help="run a range of strengths")
     ap.add_argument("--strengths", help="the sweep's strengths, e.g. '0 1e-4 1e-3'")
     d = train_lib.TrainConfig()
     ap.add_argument("--seed", type=int, default=d.seed, help="init, batch order and split")
-    ap.add_argument("--steps", type=int, help="default 3000 (2000 with --from-tracr)")
-    ap.add_argument("--lr", type=float, help="default 3e-3 (1e-3 with --from-tracr)")
+    ap.add_argument("--steps", type=int, help="default 3000 (1000 with --from-tracr)")
+    ap.add_argument("--lr", type=float, default=None, help="default 3e-3")
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--weight-decay", type=float,
                     help=f"AdamW decay, default {d.weight_decay} (0 with --from-tracr)")
@@ -570,12 +624,14 @@ def main(argv=None):
         reg = default_reg(l1_weights=args.l1_weights, l2_weights=args.l2_weights,
                           l1_acts=args.l1_acts, l1_acts_strength=args.l1_acts_strength or 0.0,
                           dropout=dropout, dropout_samples=args.dropout_samples,
-                          from_tracr=args.from_tracr)
+                          from_tracr=args.from_tracr,
+                          init_noise=(0.01 if args.from_tracr else 0.0) if args.init_noise is None
+                          else args.init_noise)
         if args.dropout_samples < 1:
             raise ValueError(f"--dropout-samples {args.dropout_samples}: must be >= 1")
         ft = args.from_tracr
         cfg = train_lib.TrainConfig(
-            steps=args.steps or (2000 if ft else 3000), lr=args.lr or (1e-3 if ft else 3e-3),
+            steps=args.steps or (1000 if ft else 3000), lr=args.lr or 3e-3,
             batch_size=args.batch_size, seed=args.seed,
             weight_decay=args.weight_decay if args.weight_decay is not None else
             (0.0 if ft else train_lib.TrainConfig().weight_decay),
