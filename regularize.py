@@ -30,7 +30,16 @@ Penalties (added to the task loss at every step):
                       activations: SITE resid | mlp | both, LAYERS all | last
 Dropout (--dropout p) is model.Config.dropout: model.py drops attention-block outputs and MLP hidden
 units in training mode only. --dropout-samples K averages the loss over K dropout masks of each
-batch (see DropoutSamples).
+batch (see DropoutSamples). --from-tracr starts from the compiled weights plus Gaussian noise of
+std --init-noise (0.01): tracr leaves most residual directions unused, and a direction that no
+weight writes or reads gets no gradient, so without noise no redundant copy can ever grow.
+Training runs train.py's loop without early stopping by default (a penalty needs steps after the
+task is solved to prune), AdamW with train.py's weight decay (none with --from-tracr).
+
+Limitation: with Adam, an L1 penalty does not make weights exactly zero; they hover near zero at
+about the learning rate. The sparsity measure therefore counts weights below a fraction
+(THRESHOLD) of the largest, not exact zeros. tracr's largest weights are 100 (attention softness),
+so its threshold is 1.0 and every non-zero compiled weight counts as above it.
 
 References: Lindner et al. 2023 (tracr); Srivastava et al. 2014 (dropout); Tibshirani 1996 (L1).
 """
@@ -356,10 +365,12 @@ def default_reg(**changes):
         raise ValueError("--init-noise perturbs the compiled weights: it needs --from-tracr")
     if not 0 <= reg["dropout"] < 1:
         raise ValueError(f"--dropout {reg['dropout']}: must be in [0, 1)")
-    if reg["l1_acts_strength"] and reg["l1_acts"] is None:
-        reg["l1_acts"] = "both:all"
     if reg["l1_acts"] is not None:
         parse_acts(reg["l1_acts"])
+    if not reg["l1_acts_strength"]:
+        reg["l1_acts"] = None  # no penalty: the site does not matter (and names no run)
+    elif reg["l1_acts"] is None:
+        reg["l1_acts"] = "both:all"
     if reg["from_tracr"] and not reg["dropout"]:
         raise ValueError("--from-tracr trains the compiled model under dropout: give --dropout P "
                          "with 0 < P < 1")
@@ -381,8 +392,7 @@ def regularized_run(program, reg, cfg, out=None, progress=True, compiled=None, t
         model = model_lib.Transformer(base)
         model.load_state_dict(compiled.state_dict())
         meta["dropout_before"] = dropout_accuracy(model, task, everything, seed=cfg.seed)
-        # tracr's zeros are a saddle: a residual direction no weight writes or reads gets no
-        # gradient, so redundant copies (what dropout needs) can never grow. Noise breaks it.
+        # tracr's zeros are a saddle (see the docstring); the noise breaks it.
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             for _, p in weight_matrices(model):
@@ -443,17 +453,20 @@ def run_sweep(program, what, strengths, reg, cfg, force=False, progress=True, ru
         raise ValueError(f"--sweep {what!r}: allowed are {', '.join(SWEEPS)}")
     key = sweep_key(what)
     compiled, task = tl.load_program(program)
+    site = reg["l1_acts"] or "both:all"
     rows = []
     for a in strengths:
-        r = default_reg(**dict(reg, **{key: a}))
-        if what == "l1-acts" and a and r["l1_acts"] is None:
-            r["l1_acts"] = "both:all"
+        r = dict(reg, **{key: a})
+        if what == "l1-acts":
+            r["l1_acts"] = site if a else None
+        r = default_reg(**r)
         path = os.path.join(runs_dir, f"{program}_regularized_{run_name(r)}.pt")
         meta = None
         if os.path.exists(path) and not force:
             _, _, meta = model_lib.load(path)
-            if dict(default_reg(), **meta.get("regularization", {})) != r or meta.get("train_config") != \
-                    train_lib._plain(cfg) or meta.get("kind") != "regularized":
+            saved = dict(default_reg(), **meta.get("regularization", {}))
+            if saved != r or meta.get("train_config") != train_lib._plain(cfg) or \
+                    meta.get("kind") != "regularized":
                 raise ValueError(f"{path} exists with other settings; pass --force to "
                                  "overwrite it")
             print(f"{program}: reusing {path}")
@@ -500,6 +513,9 @@ def plot_sweep(program, what, rows, path):
     axes[0].plot(x, [r["train_exact"] for r in rows], "s--", label="train exact")
     if "dropout_exact" in rows[0]:
         axes[0].plot(x, [r["dropout_exact"] for r in rows], "^:", label="all, dropout on")
+        if not all(math.isnan(r["dropout_before"]) for r in rows):
+            axes[0].plot(x, [r["dropout_before"] for r in rows], "v:",
+                         label="all, dropout on, before")
     axes[0].set_ylim(-0.02, 1.02)
     axes[0].set_title(f"{program}: accuracy")
     axes[0].legend(fontsize=8)
