@@ -488,7 +488,7 @@ def format_row(row, header=False):
         [f"{row['r2_mean']:.3f}"]
     if "dropout_exact" in row:
         cols += ["drop before", "drop after"]
-        cells += [f"{row['dropout_before']:.3f}", f"{row['dropout_exact']:.3f}"]
+        cells += [f"{row['dropout_before']:.4f}", f"{row['dropout_exact']:.4f}"]
     line = " | ".join(c.rjust(8) for c in cells)
     if header:
         return " | ".join(c.rjust(8) for c in cols) + "\n" + line
@@ -676,8 +676,9 @@ def main(argv=None):
         for when in ("before", "after"):
             if f"dropout_{when}" in meta:
                 d = meta[f"dropout_{when}"]
-                print(f"dropout {d['p']:g} on, {when} training: exact {d['mean']:.3f} "
-                      f"(worst of {d['samples']} draws {d['worst']:.3f})")
+                print(f"dropout {d['p']:g} on, {when} training: exact {d['mean']:.4f} "
+                      f"(worst of {d['samples']} draws {d['worst']:.4f}; right in every draw "
+                      f"{d['always']:.4f})")
         print(f"wrote {out}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
