@@ -544,6 +544,7 @@ def bench(programs=("reverse", "sort"), runs_dir="runs"):
     """Rows from the run files of `make regularize` (those present) and one measured now:
     how many weights are above threshold in a fresh model against the compiled one."""
     import glob
+    import re
     rows = []
     compiled, task = tl.load_program(programs[0])
     fresh = train_lib.model_like(task, compiled.cfg, seed=0)
@@ -556,10 +557,12 @@ def bench(programs=("reverse", "sort"), runs_dir="runs"):
         runs = []
         for path in sorted(glob.glob(os.path.join(runs_dir, f"{p}_regularized_*.pt"))):
             run = model_lib.read_run(path)
-            runs.append((path, run["meta"]))
+            if run["kind"] == "regularized":  # not a run still in train.py's hands
+                runs.append((path, run["meta"]))
         plain = [m for path, m in runs if path.endswith("_regularized_none.pt")]
-        l1 = [m for _, m in runs if set(k for k, v in m["regularization"].items() if v) ==
-              {"l1_weights"} and m["heldout_exact"] == 1.0]
+        l1 = [m for _, m in runs if re.fullmatch(r"l1-weights-[0-9.e+-]+",
+                                                 run_name(m["regularization"]))
+              and m["heldout_exact"] == 1.0]
         if plain and l1:
             best = min(l1, key=lambda m: m["likeness"]["weights_above"])
             n0, n1 = plain[0]["likeness"]["weights_above"], best["likeness"]["weights_above"]
@@ -568,10 +571,10 @@ def bench(programs=("reverse", "sort"), runs_dir="runs"):
                          "l1_weights": best["regularization"]["l1_weights"],
                          "r2_mean_plain": plain[0]["likeness"]["r2_mean"],
                          "r2_mean_l1": best["likeness"]["r2_mean"]})
-        for _, m in runs:
+        for path, m in runs:
             if m["regularization"].get("from_tracr"):
                 rows.append({"name": f"regularize {p}: compiled model, exact match with dropout "
-                             f"{m['regularization']['dropout']:g} on, before -> after training",
+                             f"on, before -> after training ({os.path.basename(path)})",
                              "before": m["dropout_before"]["mean"],
                              "after": m["dropout_after"]["mean"],
                              "after_worst": m["dropout_after"]["worst"],
