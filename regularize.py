@@ -289,7 +289,8 @@ class DropoutSamples:
         if k < 1:
             raise ValueError(f"--dropout-samples {k}: must be >= 1")
         self.task, self.k, self.ls = task, k, label_smoothing
-        self.data = train_lib.Data(task, train_inputs, device)
+        self.data = train_inputs if isinstance(train_inputs, train_lib.Data) else \
+            train_lib.Data(task, train_inputs, device)
         self.row = {tuple(t.tolist()): i for i, t in enumerate(self.data.tokens)}
 
     def __call__(self, model, cache, tokens, mask):
@@ -387,11 +388,16 @@ def regularized_run(program, reg, cfg, out=None, progress=True, compiled=None, t
         compiled, task = tl.load_program(program)
     base = replace(compiled.cfg, dropout=reg["dropout"])
     everything = eval_inputs(task)
-    meta = {"program": program, "regularization": dict(reg), "split_seed": cfg.seed}
+    train_inputs, heldout_inputs = train_lib.split(task, cfg.seed, cfg.holdout)
+    # Targets come from RASP's evaluator, slow in Python: encode each set once.
+    data_tr, data_ho, data_all = (train_lib.Data(task, x, cfg.device)
+                                  for x in (train_inputs, heldout_inputs, everything))
+    meta = {"program": program, "regularization": dict(reg), "split_seed": cfg.seed,
+            "n_train": len(train_inputs), "n_heldout": len(heldout_inputs)}
     if reg["from_tracr"]:
         model = model_lib.Transformer(base)
         model.load_state_dict(compiled.state_dict())
-        meta["dropout_before"] = dropout_accuracy(model, task, everything, seed=cfg.seed)
+        meta["dropout_before"] = dropout_accuracy(model, task, data_all, seed=cfg.seed)
         # tracr's zeros are a saddle (see the docstring); the noise breaks it.
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -399,23 +405,21 @@ def regularized_run(program, reg, cfg, out=None, progress=True, compiled=None, t
                 p.add_(reg["init_noise"] * torch.randn_like(p))
     else:
         model = train_lib.model_like(task, base, seed=cfg.seed)
-    train_inputs, heldout_inputs = train_lib.split(task, cfg.seed, cfg.holdout)
     acts = parse_acts(reg["l1_acts"]) if reg["l1_acts"] else None
-    extra = make_extra_loss(task, train_inputs, cfg, reg["l1_weights"], reg["l2_weights"], acts,
+    extra = make_extra_loss(task, data_tr, cfg, reg["l1_weights"], reg["l2_weights"], acts,
                             reg["l1_acts_strength"], reg["dropout_samples"])
-    meta.update(n_train=len(train_inputs), n_heldout=len(heldout_inputs))
 
     history = train_lib.train(model, task, train_inputs, heldout_inputs, cfg, extra_loss=extra,
                               out=out, progress=progress, meta=meta)
     model.eval()
     meta["train_config"] = train_lib._plain(cfg)
     meta["history"] = history
-    meta["train_exact"] = train_lib.evaluate(model, task, train_inputs)["exact"]
-    meta["heldout_exact"] = train_lib.evaluate(model, task, heldout_inputs)["exact"]
-    meta["all_exact"] = train_lib.evaluate(model, task, everything)["exact"]
+    meta["train_exact"] = train_lib.evaluate(model, task, data_tr)["exact"]
+    meta["heldout_exact"] = train_lib.evaluate(model, task, data_ho)["exact"]
+    meta["all_exact"] = train_lib.evaluate(model, task, data_all)["exact"]
     if reg["dropout"]:
-        meta["dropout_after"] = dropout_accuracy(model, task, everything, seed=cfg.seed)
-        meta["dropout_after_heldout"] = dropout_accuracy(model, task, heldout_inputs,
+        meta["dropout_after"] = dropout_accuracy(model, task, data_all, seed=cfg.seed)
+        meta["dropout_after_heldout"] = dropout_accuracy(model, task, data_ho,
                                                          seed=cfg.seed)
     meta["likeness"] = compiled_likeness(model, task, compiled, everything)
     if out is not None:  # train.py writes kind 'trained' while it runs; the final file is ours

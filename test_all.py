@@ -143,11 +143,11 @@ def test_regularize_run_writes_a_regularized_run(tmp_runs):
     import train as train_lib
     out = str(tmp_runs / "reverse_regularized_test.pt")
     reg = rg.default_reg(l1_weights=1e-4, dropout=0.1, dropout_samples=2)
-    cfg = train_lib.TrainConfig(steps=20, eval_every=10, early_stop=False)
+    cfg = train_lib.TrainConfig(steps=10, eval_every=5, early_stop=False)
     _, _, meta = rg.regularized_run("reverse", reg, cfg, out, progress=False)
     m, task, saved = model_lib.load(out)
     assert saved["kind"] == "regularized" and saved["regularization"] == reg
-    assert m.cfg.dropout == 0.1 and saved["history"][-1]["step"] == 20
+    assert m.cfg.dropout == 0.1 and saved["history"][-1]["step"] == 10
     assert 0 <= saved["heldout_exact"] <= 1 and "dropout_after" in saved
     assert rg.run_name(reg) == "l1-weights-0.0001_dropout-0.1_x2"
 
