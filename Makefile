@@ -54,8 +54,8 @@ REG_L1 ?= 0 3e-5 1e-4 1e-3
 regularize: $(VENV)
 	@for p in $(REG_PROGRAMS); do \
 		$(PY) regularize.py $$p --sweep l1-weights --strengths "$(REG_L1)" --quiet || exit 1; \
-		$(PY) regularize.py $$p --sweep dropout --from-tracr --strengths "0.05 0.1" \
-			--dropout-samples 4 --quiet || exit 1; \
+		$(PY) regularize.py $$p --sweep dropout --from-tracr --strengths 0.05 \
+			--dropout-samples 8 --steps 2000 --quiet || exit 1; \
 	done
 
 .PHONY: regularize

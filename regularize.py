@@ -486,7 +486,7 @@ def format_row(row, header=False):
     stages = [k for k in row["r2"] if k.endswith("resid_post")]
     cols = ["strength", "held-out", "train", "W above", "sparsity", "MLP", "heads"] + \
         [f"R2 L{k.split('.')[1]}" for k in stages] + ["R2 mean"]
-    cells = [f"{row['strength']:g}", f"{row['heldout_exact']:.3f}", f"{row['train_exact']:.3f}",
+    cells = ["-" if math.isnan(row["strength"]) else f"{row['strength']:g}", f"{row['heldout_exact']:.3f}", f"{row['train_exact']:.3f}",
              f"{row['weights_above']}", f"{row['sparsity']:.4f}", f"{row['mlp_units']}",
              f"{row['heads']}"] + [f"{row['r2'][k]:.3f}" for k in stages] + \
         [f"{row['r2_mean']:.3f}"]
@@ -679,7 +679,7 @@ def main(argv=None):
         if os.path.exists(out) and not args.force:
             raise ValueError(f"{out} exists; pass --force to overwrite it")
         _, _, meta = regularized_run(args.program, reg, cfg, out, not args.quiet)
-        print(format_row(summary_row(0.0, meta), header=True))
+        print(format_row(summary_row(float("nan"), meta), header=True))  # strength: none
         for when in ("before", "after"):
             if f"dropout_{when}" in meta:
                 d = meta[f"dropout_{when}"]
