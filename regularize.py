@@ -486,7 +486,8 @@ def format_row(row, header=False):
     stages = [k for k in row["r2"] if k.endswith("resid_post")]
     cols = ["strength", "held-out", "train", "W above", "sparsity", "MLP", "heads"] + \
         [f"R2 L{k.split('.')[1]}" for k in stages] + ["R2 mean"]
-    cells = ["-" if math.isnan(row["strength"]) else f"{row['strength']:g}", f"{row['heldout_exact']:.3f}", f"{row['train_exact']:.3f}",
+    strength = "-" if math.isnan(row["strength"]) else f"{row['strength']:g}"
+    cells = [strength, f"{row['heldout_exact']:.3f}", f"{row['train_exact']:.3f}",
              f"{row['weights_above']}", f"{row['sparsity']:.4f}", f"{row['mlp_units']}",
              f"{row['heads']}"] + [f"{row['r2'][k]:.3f}" for k in stages] + \
         [f"{row['r2_mean']:.3f}"]
