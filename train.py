@@ -3,6 +3,8 @@
     python train.py reverse                           # writes runs/reverse_trained.pt
     python train.py sort --seed 1 --steps 3000 --lr 3e-3 --batch-size 32
     python train.py hist --d-model 32 --normalization layernorm --out runs/hist_ln.pt
+    python train.py count --restarts 4                # inits chosen on a validation part
+    python train.py reverse --compare                 # trained vs compiled, same held-out set
 
 The model has the compiled model's Config (d_model, n_layers, n_heads, d_head, d_mlp, activation,
 causal flag, BOS at position 0, the Task's encoding) unless a flag overrides a field. Inputs are
@@ -17,17 +19,21 @@ is right within tracr_load.NUMERIC_TOL (0.05) of RASP's value.
 
 Training: AdamW, linear warm-up then cosine decay of the learning rate, decoupled weight decay on
 weight matrices only (not on biases), shuffled mini-batches from a seeded generator. Early stop
-once held-out exact match is 100%. A NaN/inf loss stops the run and keeps the last good state.
-Same seed, same result bit for bit on CPU (deterministic algorithms, seeded generators).
+once held-out and train exact match are both 100%. A NaN/inf loss stops the run and keeps the
+last good state. Same seed, same result bit for bit on CPU (deterministic algorithms, seeded
+generators, one thread by default). With --restarts N > 1, N inits train on the training split
+less a validation part, and validation (never the held-out set) picks one and decides the stop.
+
+Limitation: the early stop reads the held-out set (the stop rule asked for: stop once it is 100%),
+so the step count to 100% is a first-passage time on that set; train exact must be 100% too.
 """
 
-import argparse
 import copy
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +62,12 @@ class TrainConfig:
     betas: tuple = (0.9, 0.98)
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     label_smoothing: float = 0.0
-    early_stop: bool = True  # stop at 100% held-out exact match
+    early_stop: bool = True  # stop at 100% exact match on held-out and train inputs
     device: str = "cpu"
+    threads: int = 1  # torch CPU threads while training (0: leave as is); 1 is fastest here
+    restarts: int = 1  # >1: that many inits, chosen on a validation part of the training split
+    val_fraction: float = 0.1  # the validation part's share of the training split (restarts>1)
+    val_patience: int = 6  # with a validation part: evals in a row at 100% before stopping
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every"):
@@ -74,6 +84,10 @@ class TrainConfig:
             raise ValueError(f"warmup={self.warmup!r}: must be >= 0")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing={self.label_smoothing!r}: must be in [0, 1)")
+        if not isinstance(self.restarts, int) or self.restarts < 1:
+            raise ValueError(f"restarts={self.restarts!r}: must be a positive integer")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction={self.val_fraction!r}: must be in (0, 1)")
         if not 0 <= self.min_lr_frac <= 1:
             raise ValueError(f"min_lr_frac={self.min_lr_frac!r}: must be in [0, 1]")
 
@@ -216,16 +230,31 @@ class Diverged(RuntimeError):
 
 
 def train(model, task, train_inputs, heldout_inputs, cfg, extra_loss=None, out=None,
-          progress=True, meta=None, resume=None, log=None):
+          progress=True, meta=None, resume=None, log=None, until=None, val_inputs=None):
     """Train model in place; return the history (a list of eval dicts).
 
     extra_loss(model, cache, tokens, mask) -> scalar is added to the loss at every step; cache
     is the activation dict of the same forward pass. out: the run file, written atomically at
     each held-out improvement and at the end. resume: a run file's meta['resume'] to continue
-    from (the model must already hold that file's weights). A NaN/inf loss raises Diverged after
-    writing the last good state to out. log(line) receives one line per eval (default: printed
-    above the progress bar when progress is on, else nothing).
+    from (the model must already hold that file's weights); until: stop after this step (the
+    schedule still runs to cfg.steps), so a run can be continued with resume. A NaN/inf loss
+    raises Diverged after writing the last good state to out. log(line) receives one line per
+    eval (default: printed above the progress bar when progress is on, else nothing).
+    val_inputs: a validation part of the training data; when given, it (with train) decides the
+    early stop and the saves in place of the held-out set, which is then only reported.
     """
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(model, task, train_inputs, heldout_inputs, cfg, extra_loss, out, progress,
+                      meta, resume, log, until, val_inputs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model, task, train_inputs, heldout_inputs, cfg, extra_loss, out, progress, meta,
+           resume, log, until, val_inputs):
     from tqdm import tqdm
 
     torch.use_deterministic_algorithms(True)
@@ -233,6 +262,8 @@ def train(model, task, train_inputs, heldout_inputs, cfg, extra_loss=None, out=N
     model.to(device).train()
     data_tr = Data(task, train_inputs, device)
     data_ho = Data(task, heldout_inputs, device)
+    data_val = Data(task, val_inputs, device) if val_inputs else None
+    decide = "val_exact" if data_val is not None else "heldout_exact"
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     history, step, order, pos = [], 0, None, 0
@@ -243,7 +274,8 @@ def train(model, task, train_inputs, heldout_inputs, cfg, extra_loss=None, out=N
         order, pos = resume["order"], resume["pos"]
     bs = min(cfg.batch_size, len(data_tr))
     meta = dict(meta or {})
-    best = max((h["heldout_exact"] for h in history), default=-1.0)
+    solved_for = 0
+    best = max((h[decide] for h in history), default=-1.0)
     good = _snapshot(model, opt, gen, history, step, order, pos)
     t0 = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
 
@@ -259,7 +291,8 @@ def train(model, task, train_inputs, heldout_inputs, cfg, extra_loss=None, out=N
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {task.name}", disable=not progress,
                leave=False)
     stop = False
-    while step < cfg.steps and not stop:
+    last = cfg.steps if until is None else min(until, cfg.steps)
+    while step < last and not stop:
         if order is None or pos >= len(order):
             order, pos = torch.randperm(len(data_tr), generator=gen), 0
         idx = order[pos:pos + bs]
@@ -274,7 +307,7 @@ def train(model, task, train_inputs, heldout_inputs, cfg, extra_loss=None, out=N
         if not torch.isfinite(loss):
             save(good)
             bar.close()
-            raise Diverged(f"loss is {float(loss)} at step {step}; stopped, the run file keeps "
+            raise Diverged(f"loss is {loss.item()} at step {step}; stopped, the run file keeps "
                            f"the last good state (step {good['step']})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -291,6 +324,9 @@ def train(model, task, train_inputs, heldout_inputs, cfg, extra_loss=None, out=N
                    "train_loss": tr["loss"], "heldout_exact": ho["exact"],
                    "heldout_per_position": ho["per_position"], "heldout_loss": ho["loss"],
                    "seconds": time.perf_counter() - t0}
+            if data_val is not None:
+                va = evaluate(model, task, data_val)
+                row.update(val_exact=va["exact"], val_per_position=va["per_position"])
             if not all(math.isfinite(row[k]) for k in ("train_loss", "heldout_loss")):
                 save(good)
                 bar.close()
@@ -299,23 +335,71 @@ def train(model, task, train_inputs, heldout_inputs, cfg, extra_loss=None, out=N
             history.append(row)
             good = _snapshot(model, opt, gen, history, step, order, pos)
             msg = (f"step {step:5d}  loss {row['loss']:.4f}  train exact {tr['exact']:.3f}  "
-                   f"held-out exact {ho['exact']:.3f} (per position {ho['per_position']:.3f})")
+                   f"held-out exact {ho['exact']:.3f} (per position {ho['per_position']:.3f})"
+                   + (f"  val exact {row['val_exact']:.3f}" if data_val is not None else ""))
             if log is not None:
                 log(msg)
             elif progress:
                 bar.write(msg)
-            if ho["exact"] > best:
-                best = ho["exact"]
+            if row[decide] > best:
+                best = row[decide]
                 save(good)
-            stop = cfg.early_stop and ho["exact"] == 1.0
+            # Both sets, so that a run never stops on a lucky held-out draw while still wrong on
+            # inputs it was trained on: at the stop every input of the task is right.
+            # A validation part is small, so a run goes on for a few evals after reaching it.
+            solved_for = solved_for + 1 if row[decide] == 1.0 and tr["exact"] == 1.0 else 0
+            stop = cfg.early_stop and solved_for >= (1 if data_val is None else cfg.val_patience)
     bar.close()
     save(_snapshot(model, opt, gen, history, step, order, pos))
     return history
 
 
+def train_restarts(task, base, train_inputs, heldout_inputs, cfg, shape=None, out=None,
+                   progress=True, meta=None, log=None):
+    """cfg.restarts inits (seeds cfg.seed + 1000 * r), each trained on the training split less a
+    validation part (cfg.val_fraction, drawn by cfg.seed); the first whose train and validation
+    exact match are both 100% is kept, else the one best on validation. The held-out set decides
+    nothing. Returns (model, history, restart rows). With cfg.restarts == 1 it is plain train()
+    on the whole training split.
+    Limitation: runs with restarts > 1 are not resumable (each restart starts from scratch).
+    """
+    shape = shape or {}
+    if cfg.restarts == 1:
+        model = model_like(task, base, seed=cfg.seed, **shape)
+        history = train(model, task, train_inputs, heldout_inputs, cfg, out=out,
+                        progress=progress, meta=meta, log=log)
+        return model, history, []
+    order = torch.randperm(len(train_inputs),
+                           generator=torch.Generator().manual_seed(cfg.seed + 7)).tolist()
+    n_val = max(1, round(cfg.val_fraction * len(train_inputs)))
+    val = [train_inputs[i] for i in order[:n_val]]
+    fit = [train_inputs[i] for i in order[n_val:]]
+    best, rows = None, []
+    for r in range(cfg.restarts):
+        rcfg = replace(cfg, seed=cfg.seed + 1000 * r)
+        model = model_like(task, base, seed=rcfg.seed, **shape)
+        history = train(model, task, fit, heldout_inputs, rcfg, progress=progress, log=log,
+                        val_inputs=val)
+        last = history[-1]
+        rows.append({"restart": r, "seed": rcfg.seed, "steps": last["step"],
+                     "train_exact": last["train_exact"], "val_exact": last["val_exact"],
+                     "heldout_exact": last["heldout_exact"]})
+        key = (last["val_exact"], last["train_exact"])
+        if best is None or key > best[0]:
+            best = (key, model, history)
+        if key == (1.0, 1.0):
+            break
+    _, model, history = best
+    if out is not None:
+        model_lib.save(out, model, task, "trained", **dict(meta or {}), train_config=_plain(cfg),
+                       history=history, restarts=rows, n_fit=len(fit), n_val=len(val))
+    return model, history, rows
+
+
 def _snapshot(model, opt, gen, history, step, order, pos):
     """Everything a resumed run needs, as plain tensors, numbers, lists and dicts."""
-    return {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
+    return {"model": copy.deepcopy(model.state_dict()),
+            "optimizer": copy.deepcopy(opt.state_dict()),
             "generator": gen.get_state(), "history": list(history), "step": step,
             "order": order.clone() if order is not None else None, "pos": pos}
 
@@ -327,9 +411,10 @@ def _plain(cfg):
 
 
 def steps_to_solve(history):
-    """(step, seconds) of the first eval with 100% held-out exact match, or (None, None)."""
+    """(step, seconds) of the first eval with 100% exact match on held-out and train inputs, or
+    (None, None)."""
     for row in history:
-        if row["heldout_exact"] == 1.0:
+        if row["heldout_exact"] == 1.0 and row["train_exact"] == 1.0:
             return row["step"], row["seconds"]
     return None, None
 
@@ -360,6 +445,48 @@ def _same_settings(a, b):
     norm = lambda s: {k: (list(v) if isinstance(v, (list, tuple)) else v)  # noqa: E731
                       for k, v in s.items()}
     return norm(a) == norm(b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: steps and seconds to 100% held-out exact match, the compiled model beside it.
+
+BENCH_PROGRAMS = ("reverse", "sort", "hist", "sort_unique", "frac_prevs", "count", "pair_balance")
+
+
+def unseen_outputs(task, train_inputs, heldout_inputs):
+    """Held-out inputs whose target holds a categorical value no training target holds: no model
+    trained on the training split can be expected to output it."""
+    if task.output_kind != "categorical":
+        return 0
+    seen = {v for row in task.targets(train_inputs) for v in row}
+    return sum(any(v is not None and v not in seen for v in row)
+               for row in task.targets(heldout_inputs))
+
+
+def bench(programs=BENCH_PROGRAMS, seed=0, runs_dir="runs", **train_kw):
+    """One row per program: a default training run (split and init by seed) and the compiled
+    model on the same held-out set. Prints nothing."""
+    rows = []
+    for name in programs:
+        base, task = compiled_config(name, runs_dir=runs_dir)
+        path = os.path.join(runs_dir, f"{name}_tracr.pt")
+        compiled = model_lib.load(path)[0] if os.path.isfile(path) else tl.load_program(name)[0]
+        cfg = TrainConfig(seed=seed, **{"eval_every": 25, **train_kw})
+        train_inputs, heldout_inputs = split(task, seed, cfg.holdout)
+        model = model_like(task, base, seed=seed)
+        history = train(model, task, train_inputs, heldout_inputs, cfg, progress=False)
+        step, seconds = steps_to_solve(history)
+        last = history[-1]
+        rows.append({"name": name, "n_train": len(train_inputs),
+                     "n_heldout": len(heldout_inputs),
+                     "steps_to_100": step, "seconds_to_100": seconds,
+                     "steps_run": last["step"], "seconds_run": last["seconds"],
+                     "train_exact": last["train_exact"], "heldout_exact": last["heldout_exact"],
+                     "heldout_per_position": last["heldout_per_position"],
+                     "tracr_heldout_exact": evaluate(compiled, task, heldout_inputs)["exact"],
+                     "heldout_unseen_outputs": unseen_outputs(task, train_inputs,
+                                                              heldout_inputs)})
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,6 +534,9 @@ def build_parser():
     ap.add_argument("--grad-clip", type=float, default=d.grad_clip)
     ap.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     ap.add_argument("--eval-every", type=int, default=d.eval_every)
+    ap.add_argument("--restarts", type=int, default=d.restarts,
+                    help="inits to try, chosen on a validation part of the training split")
+    ap.add_argument("--val-fraction", type=float, default=d.val_fraction)
     ap.add_argument("--holdout", type=float, default=d.holdout)
     ap.add_argument("--no-early-stop", action="store_true", help="train all --steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -425,7 +555,7 @@ def build_parser():
                     help="train nothing: print the accuracies of --out (default "
                          "runs/PROGRAM_trained.pt) and runs/PROGRAM_tracr.pt side by side")
     ap.add_argument("--quiet", action="store_true", help="no progress bar (eval lines stay)")
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--threads", type=int, default=d.threads,
                     help="torch CPU threads (1 is fastest for these small models)")
     return ap
 
@@ -440,7 +570,9 @@ def main(argv=None):
                           eval_every=args.eval_every, holdout=args.holdout, warmup=args.warmup,
                           min_lr_frac=args.min_lr_frac, grad_clip=args.grad_clip,
                           label_smoothing=args.label_smoothing,
-                          early_stop=not args.no_early_stop, device=args.device)
+                          early_stop=not args.no_early_stop, device=args.device,
+                          threads=args.threads, restarts=args.restarts,
+                          val_fraction=args.val_fraction)
         overrides = {"max_seq_len": args.max_seq_len, "causal": args.causal or None}
         if args.vocab is not None:
             overrides["vocab"] = tl.parse_vocab(args.vocab)
@@ -461,13 +593,13 @@ def main(argv=None):
         if args.threads < 1:
             raise ValueError(f"--threads {args.threads}: must be a positive integer")
         torch.set_num_threads(args.threads)
-        torch.use_deterministic_algorithms(True)
         resume = None
         if args.resume:
             model, task, meta = model_lib.load(out)
             resume = meta.get("resume")
             if resume is None:
-                raise ValueError(f"{out} holds no resume state")
+                raise ValueError(f"{out} holds no resume state (runs with --restarts > 1 have "
+                                 "none)")
             old = meta["train_config"]
             old["betas"] = tuple(old["betas"])
             cfg = replace(TrainConfig(**old), steps=args.steps, device=args.device)
@@ -483,10 +615,18 @@ def main(argv=None):
                     "compiled_shape": asdict(base)}
         print(f"{args.program}: {model.n_params()} parameters, shape {_shape_str(model.cfg)}; "
               f"{len(train_inputs)} train / {len(heldout_inputs)} held-out inputs")
+        log = print if args.quiet else None
         try:
-            history = train(model, task, train_inputs, heldout_inputs, cfg, out=out,
-                            progress=not args.quiet, meta=meta, resume=resume,
-                            log=print if args.quiet else None)
+            if resume is not None:
+                history = train(model, task, train_inputs, heldout_inputs, cfg, out=out,
+                                progress=not args.quiet, meta=meta, resume=resume, log=log)
+            else:
+                model, history, rows = train_restarts(task, base, train_inputs, heldout_inputs,
+                                                      cfg, shape, out, not args.quiet, meta, log)
+                for r in rows:
+                    print(f"restart {r['restart']} (seed {r['seed']}): {r['steps']} steps, "
+                          f"train exact {r['train_exact']:.3f}, validation exact "
+                          f"{r['val_exact']:.3f}")
         except Diverged as e:
             print(f"error: diverged: {e}", file=sys.stderr)
             return 1
