@@ -469,8 +469,9 @@ def run_sweep(program, what, strengths, reg, cfg, force=False, progress=True, ru
         if os.path.exists(path) and not force:
             _, _, meta = model_lib.load(path)
             saved = dict(default_reg(), **meta.get("regularization", {}))
-            if saved != r or meta.get("train_config") != train_lib._plain(cfg) or \
-                    meta.get("kind") != "regularized":
+            now, then = train_lib._plain(cfg), meta.get("train_config", {})
+            same_cfg = all(now[k] == v for k, v in then.items() if k in now)  # fields may grow
+            if saved != r or not same_cfg or meta.get("kind") != "regularized":
                 raise ValueError(f"{path} exists with other settings; pass --force to "
                                  "overwrite it")
             print(f"{program}: reusing {path}")
