@@ -69,3 +69,16 @@ bench-deps: $(VENV)
 	$(PY) -m pip install --quiet "devinterp==1.3.2" "torch==2.13.0"
 
 .PHONY: llc bench-deps
+
+# regularize.py: L1 sweeps from scratch and the compiled model trained under dropout.
+REG_PROGRAMS ?= reverse sort
+REG_L1 ?= 0 3e-5 1e-4 1e-3
+
+regularize: $(VENV)
+	@for p in $(REG_PROGRAMS); do \
+		$(PY) regularize.py $$p --sweep l1-weights --strengths "$(REG_L1)" --quiet || exit 1; \
+		$(PY) regularize.py $$p --sweep dropout --from-tracr --strengths 0.05 \
+			--dropout-samples 8 --steps 2000 --quiet || exit 1; \
+	done
+
+.PHONY: regularize
