@@ -82,3 +82,46 @@ regularize: $(VENV)
 	done
 
 .PHONY: regularize
+
+# report.py: compile, train, compress, regularize and estimate the LLC of every default program,
+# then write figures/report.md. Each step is its own process writing its own file: `make -j2
+# report` runs two at a time, a cluster job array can run the same commands one per node, and a
+# second `make report` reuses every file that exists. `make report FORCE=1` redoes them all.
+REPORT_PROGRAMS ?= reverse sort hist sort_unique frac_prevs count pair_balance
+REPORT_L1 ?= 1e-4
+REPORT_STEPS ?= 2000
+LLC_FLAGS ?= --chains 2 --draws 300 --burnin 100
+ifeq ($(FORCE),1)
+REDO := redo-always
+endif
+
+redo-always: ;
+
+runs/%_tracr.pt: $(REDO) | $(VENV)
+	$(PY) tracr_load.py $* --out $@ --force
+
+runs/%_trained.pt: $(REDO) | runs/%_tracr.pt
+	$(PY) train.py $* --quiet --force
+
+runs/%_regularized_report.pt: $(REDO) | runs/%_tracr.pt
+	$(PY) regularize.py $* --l1-weights $(REPORT_L1) --steps $(REPORT_STEPS) --out $@ --force \
+		--quiet
+
+runs/%_compress.done: $(REDO) | runs/%_tracr.pt
+	$(PY) compress.py $* --method projection --find-min --max-ratio 0.5 --force --no-progress
+	touch $@
+
+runs/%_llc.done: $(REDO) | runs/%_trained.pt runs/%_regularized_report.pt runs/%_compress.done
+	$(PY) llc.py runs/$*_tracr.pt runs/$*_trained.pt runs/$*_regularized_report.pt \
+		$$($(PY) report.py --smallest-compressed $*) $(LLC_FLAGS) --force \
+		--figure figures/$*_llc_traces.png
+	touch $@
+
+figures/report.md: $(foreach p,$(REPORT_PROGRAMS),runs/$(p)_llc.done) | $(VENV)
+	$(PY) report.py $(REPORT_PROGRAMS) --out $@
+
+report: figures/report.md
+
+.PHONY: report redo-always
+.PRECIOUS: runs/%_tracr.pt runs/%_trained.pt runs/%_regularized_report.pt runs/%_compress.done \
+	runs/%_llc.done
