@@ -29,3 +29,20 @@ bench: $(VENV)
 
 clean:
 	rm -rf runs figures .pytest_cache __pycache__
+
+# train.py: models of the compiled shape trained from scratch, next to the compiled ones.
+train: $(VENV)
+	@mkdir -p runs
+	@test -f runs/reverse_tracr.pt || $(PY) tracr_load.py reverse --out runs/reverse_tracr.pt
+	@test -f runs/reverse_trained.pt || $(PY) train.py reverse --quiet
+	@$(PY) train.py reverse --compare
+
+train-all: $(VENV)
+	@mkdir -p runs
+	@for p in $(PROGRAMS); do \
+		test -f runs/$${p}_tracr.pt || $(PY) tracr_load.py $$p --out runs/$${p}_tracr.pt || exit 1; \
+		test -f runs/$${p}_trained.pt || $(PY) train.py $$p --quiet || exit 1; \
+	done
+	@for p in $(PROGRAMS); do $(PY) train.py $$p --compare || exit 1; done
+
+.PHONY: train train-all

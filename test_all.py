@@ -26,6 +26,164 @@ def tmp_runs(tmp_path_factory):
 # ==============================================================================================
 # train.py
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import train as train_lib  # noqa: E402
+
+
+def _tiny(task, seed=0, **kw):
+    """A small model for fast tests (not the compiled shape: compiling costs seconds)."""
+    cfg = model_lib.Config(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=16, d_vocab=1,
+                           d_vocab_out=1, n_ctx=1)
+    return train_lib.model_like(task, cfg, seed=seed, **kw)
+
+
+@pytest.fixture(scope="module")
+def count_task():
+    return tl.Task.from_name("count", max_seq_len=4)  # 120 inputs; output: how many 'a's
+
+
+def test_train_split_is_a_seeded_partition(count_task):
+    tr, ho = train_lib.split(count_task, seed=3, holdout=0.2)
+    assert len(ho) == round(0.2 * count_task.n_inputs()) and len(tr) + len(ho) == 120
+    assert {tuple(s) for s in tr}.isdisjoint({tuple(s) for s in ho})
+    assert sorted(map(tuple, tr + ho)) == sorted(map(tuple, count_task.all_inputs()))
+    assert train_lib.split(count_task, seed=3) == (tr, ho)
+    assert train_lib.split(count_task, seed=4)[1] != ho
+
+
+def test_train_small_task_reaches_full_heldout_accuracy(count_task):
+    # count at max_seq_len 4: 96 train / 24 held-out inputs; a 1-layer model finds it fast.
+    tr, ho = train_lib.split(count_task, seed=0)
+    model = _tiny(count_task)
+    cfg = train_lib.TrainConfig(steps=1500, lr=1e-2, eval_every=25, warmup=20, seed=0)
+    history = train_lib.train(model, count_task, tr, ho, cfg, progress=False)
+    assert history[-1]["heldout_exact"] == 1.0 and history[-1]["step"] < 1500
+    # evaluate agrees with decoding through the Task and comparing with RASP.
+    tokens, mask = count_task.encode(ho)
+    with torch.no_grad():
+        decoded = count_task.decode(model(tokens, mask), mask)
+    ok = count_task.correct(decoded, count_task.targets(ho))
+    assert all(all(row) for row in ok)
+    assert train_lib.evaluate(model, count_task, ho)["exact"] == 1.0
+
+
+class _Fixed(torch.nn.Module):
+    """Returns a fixed output tensor (a leaf), so the loss's gradient on it can be read."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = torch.nn.Parameter(out)
+
+    def forward(self, tokens, mask=None, cache=None):
+        return self.out
+
+
+@pytest.mark.parametrize("name", ["shift_by", "frac_prevs"])
+def test_train_loss_ignores_bos_padding_and_none_positions(name):
+    task = tl.Task.from_name(name)
+    inputs = [task.vocab[:1], task.vocab[:3], (task.vocab * 3)[:5]]  # three lengths: padding
+    data = train_lib.Data(task, inputs)
+    tokens, mask, y, valid = data.batch(slice(None))
+    assert not valid[:, 0].any() and not valid[~mask].any()
+    if name == "shift_by":  # RASP gives None at the first position of each input
+        assert not valid[:, 1].any() and valid.any()
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(len(inputs), tokens.shape[1], task.d_vocab_out, generator=g)
+    fixed = _Fixed(out.clone())
+    loss = train_lib.loss_fn(fixed, task, tokens, mask, y, valid)
+    loss.backward()
+    grad = fixed.out.grad
+    assert (grad[~valid] == 0).all()  # nothing flows from BOS, padding or None positions
+    assert (grad[valid].abs().sum(-1) > 0).all()
+    # The same loss computed one valid position at a time, by hand.
+    terms = []
+    for b, t in valid.nonzero().tolist():
+        if task.output_kind == "numerical":
+            terms.append((out[b, t, 0] - y[b, t]) ** 2)
+        else:
+            terms.append(-out[b, t].log_softmax(-1)[y[b, t]])
+    assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-6)
+    # Garbage targets at positions that are not valid change nothing.
+    y2 = y.clone()
+    y2[~valid] = 2 if task.output_kind == "categorical" else 1e6
+    assert torch.equal(train_lib.loss_fn(fixed, task, tokens, mask, y2, valid), loss)
+
+
+def _run(task, cfg, out=None, until=None, resume=None, model=None):
+    tr, ho = train_lib.split(task, seed=cfg.seed)
+    model = model if model is not None else _tiny(task, seed=cfg.seed)
+    hist = train_lib.train(model, task, tr, ho, cfg, out=out, progress=False, until=until,
+                           resume=resume)
+    return model, hist
+
+
+def test_train_same_seed_same_result_bit_for_bit(count_task):
+    cfg = train_lib.TrainConfig(steps=120, eval_every=40, seed=5, early_stop=False)
+    (m1, h1), (m2, h2) = _run(count_task, cfg), _run(count_task, cfg)
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(h1) == strip(h2)
+    m3, _ = _run(count_task, train_lib.TrainConfig(steps=120, seed=6, early_stop=False))
+    assert not torch.equal(m1.W_E, m3.W_E)
+
+
+def test_train_resumed_run_matches_uninterrupted(count_task, tmp_runs):
+    cfg = train_lib.TrainConfig(steps=120, eval_every=30, seed=2, early_stop=False)
+    full, h_full = _run(count_task, cfg)
+    path = str(tmp_runs / "count_resume.pt")
+    _run(count_task, cfg, out=path, until=60)
+    model, _, meta = model_lib.load(path)
+    assert meta["resume"]["step"] == 60
+    resumed, h_res = _run(count_task, cfg, out=path, resume=meta["resume"], model=model)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [r["loss"] for r in h_full] == [r["loss"] for r in h_res]
+
+
+def test_train_divergence_stops_and_keeps_last_good_state(count_task, tmp_runs):
+    calls = []
+
+    def poison(model, cache, tokens, mask):  # NaN at the 50th step, after the eval at step 40
+        calls.append(1)
+        assert "blocks.0.attn.pattern" in cache
+        return torch.tensor(float("nan")) if len(calls) == 50 else cache["embed"].sum() * 0
+    path = str(tmp_runs / "count_nan.pt")
+    cfg = train_lib.TrainConfig(steps=200, eval_every=20, seed=1, early_stop=False)
+    reference, _ = _run(count_task, train_lib.TrainConfig(steps=200, eval_every=20, seed=1,
+                                                          early_stop=False), until=40)
+    tr, ho = train_lib.split(count_task, seed=1)
+    model = _tiny(count_task, seed=1)
+    with pytest.raises(train_lib.Diverged, match="step 49"):
+        train_lib.train(model, count_task, tr, ho, cfg, extra_loss=poison, out=path,
+                        progress=False)
+    saved, _, meta = model_lib.load(path)
+    assert meta["resume"]["step"] == 40 and len(meta["history"]) == 2
+    for (k, a), b in zip(reference.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+def test_train_cli_bad_input_one_line_exit_1(tmp_runs, capsys):
+    existing = tmp_runs / "exists.pt"
+    existing.write_bytes(b"x")
+    for args in (["nosuch"], ["count", "--lr", "-1"], ["count", "--out", str(existing)],
+                 ["count", "--normalization", "batchnorm"], ["count", "--steps", "0"]):
+        try:
+            code = train_lib.main(args)
+        except SystemExit as e:  # argparse's own errors (bad choice) exit here
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 1, args
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, args
+    assert existing.read_bytes() == b"x"
+    # One real process, for the exit status a shell sees.
+    r = subprocess.run([sys.executable, "train.py", "count", "--batch-size", "0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
 
 # ==============================================================================================
 # compress.py
