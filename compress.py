@@ -62,8 +62,8 @@ class CompressConfig:
     lr: float = 1e-2
     batch_size: int = 256  # 0: every input at every step
     layer_weight: float = 1.0  # tracr's per-block output loss
-    score_weight: float = 0.01  # attention-score loss (see the docstring)
-    init_std: float = -1.0  # std of W's entries; < 0 means 1/sqrt(d), as in N(0, 1/d)
+    score_weight: float = 0.0  # attention-score loss (see the docstring)
+    init_std: float = 0.1  # std of W's entries; < 0 means 1/sqrt(d), i.e. N(0, 1/d)
     seed: int = 0
     device: str = "cpu"
 
@@ -350,6 +350,61 @@ def fit_relearn(compiled, task, ref, d, cfg, progress=True):
     return small, W, hist0 + hist1
 
 
+def expanded_model(small, Q):
+    """The Transformer of width D equal to `small` (width d) embedded by Q [d, D], Q Q^T = I:
+    writes go through Q, reads through Q^T, so every output is unchanged."""
+    cfg = replace(small.cfg, d_model=Q.shape[1])
+    big = Transformer(cfg).to(Q.device)
+    sd = {}
+    for name, p in small.state_dict().items():
+        p = p.detach()
+        if name in ("W_E", "W_pos") or name.endswith(("attn.W_O", "attn.b_O", "mlp.W_out",
+                                                      "mlp.b_out")):
+            sd[name] = p @ Q  # write: [..., d] -> [..., D]
+        elif name == "W_U" or name.endswith("mlp.W_in"):
+            sd[name] = Q.T @ p  # read: [D, ...]
+        elif name.endswith(("attn.W_Q", "attn.W_K", "attn.W_V")):
+            sd[name] = torch.einsum("kD,hke->hDe", Q, p)  # [H, D, E]
+        else:
+            sd[name] = p.clone()
+    big.load_state_dict(sd)
+    return big
+
+
+def fit_expand(compiled, task, ref, d, cfg, progress=True):
+    """Train a d-wide model of the compiled shape with train.py on every input, embed it into the
+    compiled width D with a random orthogonal Q [d, D], then fine-tune it there (a quarter of the
+    steps). Returns (model, history). Learning rate and batch size are train.py's defaults."""
+    import train as train_lib
+    D = compiled.cfg.d_model
+    tcfg = train_lib.TrainConfig(steps=cfg.steps, seed=cfg.seed, device=cfg.device,
+                                 eval_every=max(cfg.steps // 20, 1))
+    inputs = ref.inputs
+    small = train_lib.model_like(task, compiled.cfg, seed=cfg.seed, d_model=d)
+    hist0 = train_lib.train(small, task, inputs, inputs, tcfg, progress=progress)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    Q = torch.linalg.qr(torch.randn(D, d, generator=gen)).Q.T.contiguous()  # [d, D]
+    big = expanded_model(small.cpu().eval(), Q).to(cfg.device)
+    before = train_lib.evaluate(big, task, inputs)["exact"]
+    fine = replace(tcfg, steps=max(cfg.steps // 4, 1), warmup=0)
+    hist1 = train_lib.train(big, task, inputs, inputs, fine, progress=progress)
+    big.eval()
+    return big, [{"stage": "small", **h} for h in hist0] + \
+        [{"stage": "expanded", "exact_before_finetune": before}] + \
+        [{"stage": "finetune", **h} for h in hist1]
+
+
+def stream_direct_cosine(model, ref):
+    """Per stage: mean cosine between the model's residual stream and the compiled one, in the
+    same coordinates (meaningful only when both have width D)."""
+    with torch.no_grad():
+        f = stream_forward(model, ref.tokens, ref.mask)
+    if f["resid"][0].shape[-1] != ref.resid[0].shape[-1]:
+        return None
+    return [F.cosine_similarity(a[ref.mask], b[ref.mask], dim=-1, eps=1e-12).mean().item()
+            for a, b in zip(f["resid"], ref.resid)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Comparing residual streams.
 
@@ -395,7 +450,7 @@ def evaluate(small, task, ref, W=None):
 def compress_once(compiled, task, ref, d, cfg, progress=True):
     """Fit one width d by cfg.method. Returns (small Transformer, W or None, meta dict)."""
     D = compiled.cfg.d_model
-    if not 1 <= d <= D and cfg.method != "expand":
+    if not 1 <= d <= D:
         raise ValueError(f"d={d}: must be between 1 and D={D} for {task.name}")
     torch.manual_seed(cfg.seed)
     t0 = time.time()
@@ -407,8 +462,10 @@ def compress_once(compiled, task, ref, d, cfg, progress=True):
         small, W, history = fit_relearn(compiled, task, ref, d, cfg, progress)
         report = evaluate(small, task, ref, None)
     else:
-        from expand import expand_once  # noqa: F401  (defined below when train.py is present)
-        raise ValueError("unreachable")
+        small, history = fit_expand(compiled, task, ref, d, cfg, progress)
+        W = None
+        report = evaluate(small, task, ref, None)
+        report["direct_cosine"] = stream_direct_cosine(small, ref)
     seconds = time.time() - t0
     meta = {"method": cfg.method, "d": d, "D": D, "accuracy": report["exact"],
             "per_position": report["per_position"], "cosine": report["cosine"],
@@ -416,6 +473,8 @@ def compress_once(compiled, task, ref, d, cfg, progress=True):
             "seconds": seconds, "config": asdict(cfg), "history": history,
             "residual_labels": list(getattr(compiled, "residual_labels", [])),
             "W": None if W is None else W.cpu().tolist()}
+    if "direct_cosine" in report:
+        meta["direct_cosine"] = report["direct_cosine"]
     return small, W, meta
 
 
@@ -423,8 +482,9 @@ def compress_once(compiled, task, ref, d, cfg, progress=True):
 # Sweeps over d.
 
 
-def run_path(out_dir, program, d):
-    return os.path.join(out_dir, f"{program}_compressed_d{d}.pt")
+def run_path(out_dir, program, d, method="projection"):
+    what = "expanded" if method == "expand" else "compressed"
+    return os.path.join(out_dir, f"{program}_{what}_d{d}.pt")
 
 
 def sweep(program, cfg, dims=None, find_min=False, out_dir="runs", force=False, progress=True,
@@ -445,7 +505,7 @@ def sweep(program, cfg, dims=None, find_min=False, out_dir="runs", force=False, 
     results, models = {}, {}
 
     def fit(d):
-        path = run_path(out_dir, program, d)
+        path = run_path(out_dir, program, d, cfg.method)
         if os.path.exists(path) and not force:
             raise ValueError(f"{path} exists; pass --force to overwrite it")
         small, W, meta = compress_once(compiled, task, ref, d, cfg, progress)
@@ -455,7 +515,8 @@ def sweep(program, cfg, dims=None, find_min=False, out_dir="runs", force=False, 
         print(f"{program} d={d:3d}/{D}: exact {meta['accuracy']:.4f}  per position "
               f"{meta['per_position']:.4f}  cosine [{line}]  {meta['seconds']:.1f}s", flush=True)
         if not find_min or meta["accuracy"] == 1.0:
-            model_lib.save(path, small, task, "compressed", **meta)
+            kind = "trained" if cfg.method == "expand" else "compressed"
+            model_lib.save(path, small, task, kind, **meta)
         return meta["accuracy"] == 1.0
 
     if find_min:
