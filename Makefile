@@ -46,3 +46,13 @@ train-all: $(VENV)
 	@for p in $(PROGRAMS); do $(PY) train.py $$p --compare || exit 1; done
 
 .PHONY: train train-all
+
+# compress.py: the smallest residual width at which each default program's compiled model still
+# gets every input right (projection: compiled weights frozen, W [d, D] learned); prints the table.
+# It rewrites only its own outputs (runs/*_compressed_d*.pt, figures/*_compress_projection.png).
+COMPRESS_PROGRAMS ?= reverse sort sort_unique hist count pair_balance frac_prevs
+compress: $(VENV)
+	$(PY) compress.py $(COMPRESS_PROGRAMS) --method projection --table --jobs 2 --force \
+		--no-progress
+
+.PHONY: compress
