@@ -219,8 +219,13 @@ def losses(task, f, r, cfg):
         out = F.cross_entropy(f["out"][r["valid"]], r["out"][r["valid"]].argmax(-1))
     else:
         out = masked_mse(f["out"], r["out"], valid)
-    layer = sum(masked_mse(a, b, mask) for a, b in zip(f["blocks"], r["blocks"]))
-    layer = layer / max(len(f["blocks"]), 1)
+    if cfg.method == "relearn":  # widths differ, so compare what every width shares
+        layer = sum(masked_mse(a, b, mask) for a, b in zip(f["hidden"], r["hidden"]))
+        layer = layer + sum(masked_mse(a, b, mask[:, None])
+                            for a, b in zip(f["patterns"], r["patterns"]))
+    else:
+        layer = sum(masked_mse(a, b, mask) for a, b in zip(f["blocks"], r["blocks"]))
+        layer = layer / max(len(f["blocks"]), 1)
     # Scores matter only where attention may look: real queries and allowed keys.
     T = r["mask"].shape[1]
     allowed = (r["mask"][:, None, :, None] & r["mask"][:, None, None, :]).float()
@@ -230,12 +235,8 @@ def losses(task, f, r, cfg):
                 for a, b in zip(f["scores"], r["scores"])) / max(len(f["scores"]), 1)
     layer, score = layer * 1.0, score * 1.0
     total = out + cfg.layer_weight * layer + cfg.score_weight * score
-    if cfg.method == "relearn":  # widths differ, so compare what every width shares
-        hid = sum(masked_mse(a, b, mask) for a, b in zip(f["hidden"], r["hidden"]))
-        pat = sum(masked_mse(a, b, mask[:, None]) for a, b in zip(f["patterns"], r["patterns"]))
-        total = out + cfg.layer_weight * (hid + pat) + cfg.score_weight * score
-        layer = hid + pat
-    return total, {"out": out.item(), "layer": float(layer.detach()), "score": float(score.detach())}
+    parts = {"out": out.item(), "layer": float(layer.detach()), "score": float(score.detach())}
+    return total, parts
 
 
 # ----------------------------------------------------------------------------------------------

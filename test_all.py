@@ -240,6 +240,22 @@ def test_compress_short_projection_run_lowers_the_loss(frac_prevs):
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
 
 
+def test_compress_relearn_runs_and_saves_a_small_model(frac_prevs, tmp_runs):
+    compiled, task = frac_prevs
+    ref = compress.Reference(compiled, task, task.sample(100, seed=0))
+    cfg = compress.CompressConfig(method="relearn", steps=20, batch_size=50)
+    small, W, meta = compress.compress_once(compiled, task, ref, 6, cfg, progress=False)
+    assert small.cfg.d_model == 6 and meta["method"] == "relearn" and meta["d"] == 6
+    assert len(meta["cosine"]) == len(meta["recon_error"]) == 1 + 2 * compiled.cfg.n_layers
+    path = str(tmp_runs / "frac_prevs_compressed_d6.pt")
+    model_lib.save(path, small, task, "compressed", **meta)
+    loaded, _, m = model_lib.load(path)
+    tokens, mask = ref.tokens, ref.mask
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, mask), small(tokens, mask))
+    assert m["accuracy"] == meta["accuracy"]
+
+
 def test_compress_accuracy_counts_one_wrong_position_as_wrong():
     for name, bad in (("count", 0), ("frac_prevs", None)):
         compiled, task = tl.load_program(name)
