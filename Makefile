@@ -48,11 +48,12 @@ train-all: $(VENV)
 .PHONY: train train-all
 
 # compress.py: the smallest residual width at which each default program's compiled model still
-# gets every input right (projection: compiled weights frozen, W [d, D] learned); prints the table.
+# gets every input right, searched up to D/2 (projection: compiled weights frozen, W [d, D]
+# learned); prints the table.
 # It rewrites only its own outputs (runs/*_compressed_d*.pt, figures/*_compress_projection.png).
 COMPRESS_PROGRAMS ?= reverse sort sort_unique hist count pair_balance frac_prevs
 compress: $(VENV)
-	$(PY) compress.py $(COMPRESS_PROGRAMS) --method projection --table --jobs 2 --force \
-		--no-progress
+	$(PY) compress.py $(COMPRESS_PROGRAMS) --method projection --table --max-ratio 0.5 \
+		--jobs 2 --force --no-progress
 
 .PHONY: compress

@@ -23,9 +23,12 @@ Methods, for a compiled model with residual width D and a target width d < D:
   Initialisation decides whether this works. tracr's attention scores are large (100 per
   matching key), and with W ~ N(0, 1/d) the read-back x_d @ W carries interference of order 1, so
   every softmax starts saturated on a random key and the loss gives almost no gradient (our
-  frac_prevs trials at d = 5-8: 0-11% of inputs right). W ~ N(0, 0.1^2) keeps the scores small,
-  the softmax soft, and lets the scale grow with training (frac_prevs d = 5: 94-98% after 1000
-  steps). Columns of dimensions that nothing reads or nothing writes start at 0 (live_dims).
+  frac_prevs trials at d = 5-8: 0-11% of inputs right). W ~ N(0, (0.22 / sqrt(d))^2) starts
+  W^T W near 0.05 I: the scores small, the softmax soft, and the scale grows with training
+  (frac_prevs d = 5: 94-98% of inputs right after 1000 steps). Columns of dimensions that
+  nothing reads or nothing writes start at 0 (live_dims).
+  An optional pre-activation term (pre_weight) compares each MLP's ReLU inputs with the
+  compiled ones; see losses().
 - relearn: a Transformer of d_model = d whose read and write weights (W_E, W_pos, W_Q/W_K/W_V,
   W_O, W_in, W_out, W_U) are trained freely, starting from a projection solution (the per-head
   and MLP internals, i.e. the compiled D-side matrices, come in through that start). Loss: output
@@ -67,9 +70,10 @@ class CompressConfig:
     lr: float = 1e-2
     batch_size: int = 256  # 0: every input at every step
     layer_weight: float = 1.0  # tracr's per-block output loss
+    pre_weight: float = 0.0  # MLP pre-activation loss (see losses)
     score_weight: float = 0.0  # attention-score loss (see the docstring)
     output_loss: str = "mse"  # mse | ce | auto (auto: cross-entropy for categorical outputs)
-    init_std: float = 0.1  # std of W's entries; < 0 means 1/sqrt(d), i.e. N(0, 1/d)
+    init_gain: float = 0.22  # W's entries ~ N(0, (init_gain / sqrt(d))^2); 1.0 is N(0, 1/d)
     seed: int = 0
     device: str = "cpu"
 
@@ -111,6 +115,7 @@ class Reference:
             f = stream_forward(compiled, self.tokens, self.mask)
         self.out, self.blocks, self.scores = f["out"], f["blocks"], f["scores"]
         self.patterns, self.hidden, self.resid = f["patterns"], f["hidden"], f["resid"]
+        self.pre = f["pre"]
         self.n = len(self.inputs)
 
     def rows(self, idx):
@@ -119,7 +124,7 @@ class Reference:
         return {"tokens": self.tokens[idx], "mask": self.mask[idx], "y": self.y[idx],
                 "valid": self.valid[idx], "out": self.out[idx], "blocks": pick(self.blocks),
                 "scores": pick(self.scores), "patterns": pick(self.patterns),
-                "hidden": pick(self.hidden)}
+                "hidden": pick(self.hidden), "pre": pick(self.pre)}
 
     def all(self):
         return self.rows(slice(None))
@@ -147,14 +152,16 @@ def stream_forward(model, tokens, mask, W=None):
     write = (lambda x: x) if W is None else (lambda x: x @ W.T)  # [B, T, D] -> [B, T, d]
     allowed = model.attention_mask(mask, T)
     resid = write(model.W_E[tokens] + model.W_pos[:T])  # [B, T, d]
-    f = {"blocks": [], "scores": [], "patterns": [], "hidden": [], "resid": [resid]}
+    f = {"blocks": [], "scores": [], "patterns": [], "hidden": [], "pre": [], "resid": [resid]}
     for layer, block in enumerate(model.blocks):
         cache = {}
         x = read(resid)  # [B, T, D]
         f["scores"].append(attention_scores(block.attn, x))
         a = block.attn(x, allowed, cache, "attn.")  # [B, T, D]
         resid = resid + write(a)
-        m = block.mlp(read(resid), cache, "mlp.")  # [B, T, D]
+        x = read(resid)  # [B, T, D]
+        f["pre"].append(x @ block.mlp.W_in + block.mlp.b_in)  # [B, T, M] before the ReLU
+        m = block.mlp(x, cache, "mlp.")  # [B, T, D]
         resid = resid + write(m)
         f["blocks"] += [a, m]
         f["patterns"].append(cache["attn.pattern"])
@@ -233,9 +240,15 @@ def losses(task, f, r, cfg):
         allowed = allowed * torch.ones(T, T, device=allowed.device).tril()
     score = sum(((a - b) ** 2 * allowed).sum() / (allowed.sum() * a.shape[1])
                 for a, b in zip(f["scores"], r["scores"])) / max(len(f["scores"]), 1)
-    layer, score = layer * 1.0, score * 1.0
-    total = out + cfg.layer_weight * layer + cfg.score_weight * score
-    parts = {"out": out.item(), "layer": float(layer.detach()), "score": float(score.detach())}
+    # MLP pre-activations: a ReLU input below 0 may move anywhere below 0; above, it must match.
+    # tracr's MLPs that read numbers (e.g. a selector width's 1/(n+1)) have slopes of ~100, so
+    # this weights each read direction by how much the MLP amplifies interference on it.
+    pre = sum(masked_mse(torch.where(b > 0, a, F.relu(a)), b.clamp(min=0), mask)
+              for a, b in zip(f["pre"], r["pre"])) / max(len(f["pre"]), 1)
+    layer, score, pre = layer * 1.0, score * 1.0, pre * 1.0
+    total = out + cfg.layer_weight * layer + cfg.score_weight * score + cfg.pre_weight * pre
+    parts = {"out": out.item(), "layer": float(layer.detach()), "score": float(score.detach()),
+             "pre": float(pre.detach())}
     return total, parts
 
 
@@ -315,11 +328,11 @@ def live_dims(compiled, pad_id=None):
 
 
 def init_W(d, D, cfg, device="cpu", live=None):
-    """W [d, D] with N(0, std^2) entries, std = 1/sqrt(d) unless cfg.init_std >= 0; the columns
-    of dimensions that are not live (see live_dims) start at 0."""
+    """W [d, D] with N(0, (init_gain / sqrt(d))^2) entries, so that W^T W starts near
+    init_gain^2 * I whatever d is; the columns of dimensions that are not live (see live_dims)
+    start at 0."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    std = 1.0 / math.sqrt(d) if cfg.init_std < 0 else cfg.init_std
-    W = torch.randn(d, D, generator=gen) * std  # [d, D]
+    W = torch.randn(d, D, generator=gen) * (cfg.init_gain / math.sqrt(d))  # [d, D]
     if live is not None:
         W[:, ~live.cpu()] = 0.0
     return W.to(device)
@@ -502,10 +515,10 @@ def run_path(out_dir, program, d, method="projection"):
 
 
 def sweep(program, cfg, dims=None, find_min=False, out_dir="runs", force=False, progress=True,
-          compiled=None, task=None):
+          compiled=None, task=None, max_ratio=1.0):
     """Fit every d in dims (each saved), or search for the smallest d at 100% accuracy.
 
-    find_min: bisection on [1, D] assuming that a width that works makes every larger one work
+    find_min: bisection on [1, ceil(max_ratio * D)] assuming that a width that works makes every larger one work
     (checked only at the widths it tries); every width that reaches 100% is saved.
     Returns a dict: program, D, results {d: meta without history/W}, best (smallest d at 100%
     or None), seconds.
@@ -518,7 +531,7 @@ def sweep(program, cfg, dims=None, find_min=False, out_dir="runs", force=False, 
     D = compiled.cfg.d_model
     results, models = {}, {}
 
-    def fit(d):
+    def fit(d, keep=False):
         path = run_path(out_dir, program, d, cfg.method)
         if os.path.exists(path) and not force:
             raise ValueError(f"{path} exists; pass --force to overwrite it")
@@ -528,22 +541,25 @@ def sweep(program, cfg, dims=None, find_min=False, out_dir="runs", force=False, 
         line = " ".join(f"{c:.3f}" for c in meta["cosine"])
         print(f"{program} d={d:3d}/{D}: exact {meta['accuracy']:.4f}  per position "
               f"{meta['per_position']:.4f}  cosine [{line}]  {meta['seconds']:.1f}s", flush=True)
-        if not find_min or meta["accuracy"] == 1.0:
+        if not find_min or keep or meta["accuracy"] == 1.0:
             kind = "trained" if cfg.method == "expand" else "compressed"
             model_lib.save(path, small, task, kind, **meta)
         return meta["accuracy"] == 1.0
 
+    # Limitation: bisection trusts that accuracy only grows with d; one seed per width, so a
+    # width that an unlucky start misses can hide smaller widths that would work.
     if find_min:
-        lo, hi = 0, D  # lo fails (d = 0 cannot work), hi works (the compiled model itself)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if fit(mid):
-                hi = mid
-            else:
-                lo = mid
-        best = hi if hi < D or D in results else None
-        if best is None:  # nothing below D worked: confirm d = D itself
-            best = D if fit(D) else None
+        top = max(1, min(D, math.ceil(max_ratio * D)))
+        lo, hi = 0, top + 1  # lo fails (d = 0 cannot work); hi: the smallest width that worked
+        if fit(top, keep=True):  # kept even when it fails: it shows how far the search got
+            hi = top
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if fit(mid):
+                    hi = mid
+                else:
+                    lo = mid
+        best = hi if hi <= top else None
     else:
         for d in dims:
             fit(d)
@@ -673,9 +689,10 @@ def parse_dims(text):
 
 def _sweep_job(job):
     """One program's sweep, for a worker process (spawned: set its own thread count)."""
-    program, cfg, dims, find_min, out, force, progress, threads = job
+    program, cfg, dims, find_min, out, force, progress, threads, max_ratio = job
     torch.set_num_threads(max(threads, 1))
-    return sweep(program, cfg, dims, find_min, out, force, progress=progress)
+    return sweep(program, cfg, dims, find_min, out, force, progress=progress,
+                 max_ratio=max_ratio)
 
 
 def main(argv=None):
@@ -687,6 +704,8 @@ def main(argv=None):
     ap.add_argument("--dims", help="widths to fit, e.g. 12,10,8,6,5,4")
     ap.add_argument("--find-min", action="store_true",
                     help="search for the smallest width at 100%% accuracy")
+    ap.add_argument("--max-ratio", type=float, default=1.0,
+                    help="--find-min searches d <= ceil(max_ratio * D) only (first tries that)")
     ap.add_argument("--table", action="store_true",
                     help="print the summary table at the end (implies --find-min without --dims)")
     defaults = CompressConfig()
@@ -694,9 +713,10 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=defaults.lr)
     ap.add_argument("--batch-size", type=int, default=defaults.batch_size)
     ap.add_argument("--layer-weight", type=float, default=defaults.layer_weight)
+    ap.add_argument("--pre-weight", type=float, default=defaults.pre_weight)
     ap.add_argument("--score-weight", type=float, default=defaults.score_weight)
     ap.add_argument("--output-loss", default=defaults.output_loss, help="auto | mse | ce")
-    ap.add_argument("--init-std", type=float, default=defaults.init_std)
+    ap.add_argument("--init-gain", type=float, default=defaults.init_gain)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--jobs", type=int, default=1,
@@ -717,13 +737,15 @@ def main(argv=None):
             tl.program_spec(p)
         cfg = CompressConfig(method=args.method, steps=args.steps, lr=args.lr,
                              batch_size=args.batch_size, layer_weight=args.layer_weight,
-                             score_weight=args.score_weight, init_std=args.init_std,
-                             output_loss=args.output_loss,
+                             score_weight=args.score_weight, init_gain=args.init_gain,
+                             output_loss=args.output_loss, pre_weight=args.pre_weight,
                              seed=args.seed, device=args.device)
         dims = parse_dims(args.dims) if args.dims else None
         find_min = args.find_min or (args.table and dims is None)
         if dims is None and not find_min:
             raise ValueError("give --dims (e.g. --dims 8,6,5) or --find-min")
+        if not 0 < args.max_ratio <= 1:
+            raise ValueError(f"--max-ratio {args.max_ratio}: must be in (0, 1]")
         if args.jobs < 1:
             raise ValueError(f"--jobs {args.jobs}: must be at least 1")
         for program in args.programs:  # refuse to start when a run file would be overwritten
@@ -732,7 +754,8 @@ def main(argv=None):
                 if os.path.exists(path) and not args.force:
                     raise ValueError(f"{path} exists; pass --force to overwrite it")
         jobs = [(p, cfg, dims, find_min, args.out, args.force,
-                 not args.no_progress and args.jobs == 1, args.threads) for p in args.programs]
+                 not args.no_progress and args.jobs == 1, args.threads, args.max_ratio)
+                for p in args.programs]
         if args.jobs == 1:
             summaries = [_sweep_job(j) for j in jobs]
         else:

@@ -234,7 +234,7 @@ def test_compress_saved_model_equals_training_forward(frac_prevs):
 def test_compress_short_projection_run_lowers_the_loss(frac_prevs):
     compiled, task = frac_prevs
     ref = compress.Reference(compiled, task, task.sample(200, seed=0))
-    cfg = compress.CompressConfig(steps=40, batch_size=64, init_std=0.1)
+    cfg = compress.CompressConfig(steps=40, batch_size=64)
     W, history = compress.fit_projection(compiled, task, ref, 5, cfg, progress=False)
     assert W.shape == (5, compiled.cfg.d_model)
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
