@@ -125,3 +125,14 @@ report: figures/report.md
 .PHONY: report redo-always
 .PRECIOUS: runs/%_tracr.pt runs/%_trained.pt runs/%_regularized_report.pt runs/%_compress.done \
 	runs/%_llc.done
+
+# compress.py: the smallest residual width at which each default program's compiled model still
+# gets every input right, searched up to D/2 (projection: compiled weights frozen, W [d, D]
+# learned); prints the table.
+# It rewrites only its own outputs (runs/*_compressed_d*.pt, figures/*_compress_projection.png).
+COMPRESS_PROGRAMS ?= reverse sort sort_unique hist count pair_balance frac_prevs
+compress: $(VENV)
+	$(PY) compress.py $(COMPRESS_PROGRAMS) --method projection --table --max-ratio 0.5 \
+		--jobs 2 --force --no-progress
+
+.PHONY: compress

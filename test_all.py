@@ -415,6 +415,112 @@ def test_train_cli_bad_input_one_line_exit_1(tmp_runs, capsys):
 # ==============================================================================================
 # compress.py
 
+import compress  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def frac_prevs():
+    return tl.load_program("frac_prevs")
+
+
+@pytest.mark.parametrize("name", ["frac_prevs", "count"])
+def test_compress_identity_reproduces_compiled_at_every_layer(name):
+    compiled, task = tl.load_program(name)
+    inputs = task.all_inputs()
+    tokens, mask = task.encode(inputs)
+    D = compiled.cfg.d_model
+    small = compress.compressed_model(compiled, torch.eye(D))
+    with torch.no_grad():
+        out0, c0 = compiled.run_with_cache(tokens, mask)
+        out1, c1 = small.run_with_cache(tokens, mask)
+        f = compress.stream_forward(compiled, tokens, mask, torch.eye(D))
+    names, ours = tl.our_residuals(c1, compiled.cfg.n_layers)
+    _, theirs = tl.our_residuals(c0, compiled.cfg.n_layers)
+    m = mask[..., None]
+    for n, a, b, c in zip(names, ours, theirs, f["resid"]):
+        assert torch.equal(a * m, b * m), n
+        assert torch.equal(c * m, b * m), n
+    assert torch.equal(out0[mask], out1[mask])
+    y, valid = task.target_tensors(inputs, tokens.shape[1])
+    assert compress.accuracy(task, out1, y, valid)[0] == 1.0
+
+
+def test_compress_saved_model_equals_training_forward(frac_prevs):
+    compiled, task = frac_prevs
+    tokens, mask = task.encode(task.sample(64, seed=1))
+    W = torch.randn(5, compiled.cfg.d_model, generator=torch.Generator().manual_seed(0)) / 5
+    small = compress.compressed_model(compiled, W)
+    assert small.cfg.d_model == 5
+    with torch.no_grad():
+        f = compress.stream_forward(compiled, tokens, mask, W)
+        out, cache = small.run_with_cache(tokens, mask)
+    assert torch.allclose(f["out"][mask], out[mask], atol=1e-5)
+    assert torch.allclose(f["resid"][-1][mask], cache["blocks.1.resid_post"][mask], atol=1e-5)
+
+
+def test_compress_short_projection_run_lowers_the_loss(frac_prevs):
+    compiled, task = frac_prevs
+    ref = compress.Reference(compiled, task, task.sample(200, seed=0))
+    cfg = compress.CompressConfig(steps=40, batch_size=64)
+    W, history = compress.fit_projection(compiled, task, ref, 5, cfg, progress=False)
+    assert W.shape == (5, compiled.cfg.d_model)
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+
+
+def test_compress_relearn_runs_and_saves_a_small_model(frac_prevs, tmp_runs):
+    compiled, task = frac_prevs
+    ref = compress.Reference(compiled, task, task.sample(100, seed=0))
+    cfg = compress.CompressConfig(method="relearn", steps=20, batch_size=50)
+    small, W, meta = compress.compress_once(compiled, task, ref, 6, cfg, progress=False)
+    assert small.cfg.d_model == 6 and meta["method"] == "relearn" and meta["d"] == 6
+    assert len(meta["cosine"]) == len(meta["recon_error"]) == 1 + 2 * compiled.cfg.n_layers
+    path = str(tmp_runs / "frac_prevs_compressed_d6.pt")
+    model_lib.save(path, small, task, "compressed", **meta)
+    loaded, _, m = model_lib.load(path)
+    tokens, mask = ref.tokens, ref.mask
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, mask), small(tokens, mask))
+    assert m["accuracy"] == meta["accuracy"]
+
+
+def test_compress_accuracy_counts_one_wrong_position_as_wrong():
+    for name, bad in (("count", 0), ("frac_prevs", None)):
+        compiled, task = tl.load_program(name)
+        inputs = [s for s in task.all_inputs() if len(s) == 3][:10]
+        tokens, mask = task.encode(inputs)
+        y, valid = task.target_tensors(inputs, tokens.shape[1])
+        if task.output_kind == "categorical":
+            out = torch.nn.functional.one_hot(y, task.d_vocab_out).float()  # [N, T, O]
+            out[4, 2] = torch.roll(out[4, 2], 1)  # one position of one sequence wrong
+        else:
+            out = y[..., None].clone()
+            out[:, :, 0] += 0.049  # inside the tolerance everywhere
+            out[4, 2, 0] += 0.002  # just outside at one position
+        exact, per_pos = compress.accuracy(task, out, y, valid)
+        assert exact == pytest.approx(9 / 10)
+        assert per_pos == pytest.approx(1 - 1 / int(valid.sum()))
+        ok = task.correct(task.decode(out, mask), task.targets(inputs))
+        assert sum(all(r) for r in ok) / len(ok) == pytest.approx(exact)
+
+
+def test_compress_expanded_model_keeps_outputs(frac_prevs):
+    compiled, task = frac_prevs
+    small = train_lib.model_like(task, compiled.cfg, seed=0, d_model=4)
+    Q = torch.linalg.qr(torch.randn(14, 4, generator=torch.Generator().manual_seed(0))).Q.T
+    big = compress.expanded_model(small, Q.contiguous())
+    tokens, mask = task.encode(task.sample(50, seed=2))
+    with torch.no_grad():
+        assert torch.allclose(small(tokens, mask)[mask], big(tokens, mask)[mask], atol=1e-5)
+
+
+def test_compress_cli_bad_input_one_line_exit_1(tmp_runs):
+    for args in (["frac_prevs", "--method", "squash", "--dims", "4"],
+                 ["frac_prevs", "--dims", "4,x"], ["nope", "--dims", "4"]):
+        p = subprocess.run([sys.executable, "compress.py", *args, "--out", str(tmp_runs)],
+                           capture_output=True, text=True)
+        assert p.returncode == 1, args
+        assert len(p.stderr.strip().splitlines()) == 1 and "error" in p.stderr, p.stderr
+
 
 # ==============================================================================================
 # regularize.py
