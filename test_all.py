@@ -267,6 +267,18 @@ def test_train_split_is_a_seeded_partition(count_task):
     assert sorted(map(tuple, tr + ho)) == sorted(map(tuple, count_task.all_inputs()))
     assert train_lib.split(count_task, seed=3) == (tr, ho)
     assert train_lib.split(count_task, seed=4)[1] != ho
+    # Every output class occurs in training: count's "a a a a a" (answer 5) is held out by the
+    # seed-0 shuffle of the default task and is swapped into the training split.
+    task = tl.Task.from_name("count")
+    inputs = task.all_inputs()
+    order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(0)).tolist()
+    n_held = round(0.2 * len(inputs))
+    plain = [inputs[i] for i in order[:n_held]]
+    assert ["a"] * 5 in plain
+    tr, ho = train_lib.split(task, seed=0)
+    assert ["a"] * 5 in tr and len(ho) == n_held and len(tr) + len(ho) == len(inputs)
+    assert train_lib.unseen_outputs(task, tr, ho) == 0
+    assert len(set(map(tuple, ho)) ^ set(map(tuple, plain))) == 2  # one swap, nothing else
 
 
 def test_train_small_task_reaches_full_heldout_accuracy(count_task):

@@ -112,7 +112,8 @@ def model_like(task, cfg: Config, seed=0, **overrides):
 
 def split(task, seed, holdout=0.2):
     """(train_inputs, heldout_inputs). Every input, shuffled by seed, when the space has at most
-    ENUMERATE_UP_TO inputs (round(holdout * n) held out); else fixed samples, disjoint."""
+    ENUMERATE_UP_TO inputs (round(holdout * n) held out, then cover_outputs: every categorical
+    output value occurs in some training target); else fixed samples, disjoint."""
     if not 0 < holdout < 1:
         raise ValueError(f"holdout={holdout!r}: must be in (0, 1)")
     g = torch.Generator().manual_seed(seed)
@@ -120,12 +121,43 @@ def split(task, seed, holdout=0.2):
         inputs = task.all_inputs()
         order = torch.randperm(len(inputs), generator=g).tolist()
         n_held = max(1, round(holdout * len(inputs)))
-        return [inputs[i] for i in order[n_held:]], [inputs[i] for i in order[:n_held]]
+        held, train = cover_outputs(task, inputs, order[:n_held], order[n_held:])
+        return [inputs[i] for i in train], [inputs[i] for i in held]
     # Limitation: with sampled sets the training pool is fixed (SAMPLE_TRAIN inputs), not fresh.
     heldout = task.sample(SAMPLE_HELDOUT, seed=10_000 + seed)
     seen = {tuple(s) for s in heldout}
     train = [s for s in task.sample(SAMPLE_TRAIN, seed=20_000 + seed) if tuple(s) not in seen]
     return train, heldout
+
+
+def cover_outputs(task, inputs, held, train):
+    """Swap held-out inputs whose target holds a categorical value that no training target holds
+    (count's "a a a a a" is the only input whose answer is 5) with training inputs that can
+    leave without uncovering a value, so that every output class is seen in training. Sizes and
+    disjointness are kept; the swaps are deterministic in the order given."""
+    if task.output_kind != "categorical":
+        return held, train
+    values = [{v for v in row if v is not None} for row in task.targets(inputs)]
+    count = {}
+    for i in train:
+        for v in values[i]:
+            count[v] = count.get(v, 0) + 1
+    held, train = list(held), list(train)
+    for h, i in enumerate(held):
+        if all(v in count for v in values[i]):
+            continue
+        for t in range(len(train) - 1, -1, -1):  # the last training inputs in shuffled order
+            j = train[t]
+            if all(count[v] > 1 for v in values[j]) and all(v in count for v in values[j]):
+                break
+        else:
+            continue  # nothing can leave the training split: keep this one held out
+        for v in values[j]:
+            count[v] -= 1
+        for v in values[i]:
+            count[v] = count.get(v, 0) + 1
+        held[h], train[t] = j, i
+    return held, train
 
 
 class Data:
