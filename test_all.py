@@ -896,6 +896,23 @@ def test_llc_divergence_names_chain_and_step():
                          burnin=0, batch_size=100)
 
 
+def test_llc_choose_eps_takes_the_largest_healthy_step():
+    # Rank-1 5-3-5 teacher: eps = 1 diverges, 0.1 is far too coarse; the choice must be the
+    # largest grid value whose pilot acceptance reaches the target, and the estimate there
+    # must still land near the closed form (8.0).
+    net, data = _linear_net((5, 3, 5), 1, 5000, seed=0)
+    grid = (1.0, 1e-1, 1e-2, 1e-3, 3e-4, 1e-4)
+    eps, pilots = llc.choose_eps(net, _half_sq, data, gamma=5.0, batch_size=500, grid=grid)
+    assert pilots[0] == (1.0, "diverged")
+    assert all(a == "diverged" or a < llc.EPS_TARGET for _, a in pilots[:-1])
+    assert pilots[-1] == (eps, pilots[-1][1]) and pilots[-1][1] >= llc.EPS_TARGET
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = llc.estimate_llc(net, _half_sq, data, eps=eps, gamma=5.0, chains=4, draws=1000,
+                             burnin=400, batch_size=500, seed=0)
+    assert abs(r["mean"] - 8.0) < 0.2 * 8.0, (eps, r["mean"])
+
+
 def test_llc_warns_when_w0_is_not_a_minimum():
     net, data = _linear_net((5, 3, 5), 1, 1000, seed=1)
     with torch.no_grad():
