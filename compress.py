@@ -71,7 +71,7 @@ METHODS = ("projection", "relearn", "expand")
 @dataclass
 class CompressConfig:
     method: str = "projection"
-    steps: int = 3000  # upper bound: a fit stops at its first evaluation with every input right
+    steps: int = 4000  # upper bound: a fit stops at its first evaluation with every input right
     lr: float = 1e-2
     batch_size: int = 256  # 0: every input at every step
     layer_weight: float = 1.0  # tracr's per-block output loss
