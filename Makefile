@@ -129,12 +129,12 @@ report: figures/report.md
 	runs/%_llc.done
 
 # compress.py: the smallest residual width at which each default program's compiled model still
-# gets every input right, searched up to D/2 (projection: compiled weights frozen, W [d, D]
-# learned); prints the table.
+# gets every input right (projection: compiled weights frozen, W [d, D] learned): first D/2, then
+# bisection below it, or above it when D/2 fails (how far compression gets); prints the table.
 # It rewrites only its own outputs (runs/*_compressed_d*.pt, figures/*_compress_projection.png).
 COMPRESS_PROGRAMS ?= reverse sort sort_unique hist count pair_balance frac_prevs
 compress: $(VENV)
-	$(PY) compress.py $(COMPRESS_PROGRAMS) --method projection --table --max-ratio 0.5 \
+	$(PY) compress.py $(COMPRESS_PROGRAMS) --method projection --table --max-ratio 0.5 --search-up \
 		--jobs 2 --force --no-progress
 
 .PHONY: compress

@@ -537,11 +537,13 @@ def run_path(out_dir, program, d, method="projection"):
 
 
 def sweep(program, cfg, dims=None, find_min=False, out_dir="runs", force=False, progress=True,
-          compiled=None, task=None, max_ratio=1.0):
+          compiled=None, task=None, max_ratio=1.0, search_up=False):
     """Fit every d in dims (each saved), or search for the smallest d at 100% accuracy.
 
     find_min: first ceil(max_ratio * D) (always saved), then bisection below it, assuming that
     a width that works makes every larger one work; every width that reaches 100% is saved.
+    search_up: when that first width fails, bisect between it and D instead (d = D needs no fit:
+    W = I is the compiled model itself), so the result says how far compression gets.
     Returns a dict: program, D, results {d: meta without history/W}, best (smallest d at 100%
     or None), seconds.
     """
@@ -581,7 +583,15 @@ def sweep(program, cfg, dims=None, find_min=False, out_dir="runs", force=False, 
                     hi = mid
                 else:
                     lo = mid
-        best = hi if hi <= top else None
+        elif search_up and top < D:
+            lo, hi = top, D  # d = D works: W = I reproduces the compiled model exactly
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if fit(mid):
+                    hi = mid
+                else:
+                    lo = mid
+        best = hi if hi <= top or (search_up and hi < D) else None  # D itself: no compression
     else:
         for d in dims:
             fit(d)
@@ -718,10 +728,10 @@ def parse_floats(text, flag):
 
 def _sweep_job(job):
     """One program's sweep, for a worker process (spawned: set its own thread count)."""
-    program, cfg, dims, find_min, out, force, progress, threads, max_ratio = job
+    program, cfg, dims, find_min, out, force, progress, threads, max_ratio, up = job
     torch.set_num_threads(max(threads, 1))
     return sweep(program, cfg, dims, find_min, out, force, progress=progress,
-                 max_ratio=max_ratio)
+                 max_ratio=max_ratio, search_up=up)
 
 
 def main(argv=None):
@@ -735,6 +745,8 @@ def main(argv=None):
                     help="search for the smallest width at 100%% accuracy")
     ap.add_argument("--max-ratio", type=float, default=1.0,
                     help="--find-min searches d <= ceil(max_ratio * D) only (first tries that)")
+    ap.add_argument("--search-up", action="store_true",
+                    help="--find-min: if the first width fails, bisect up to D (where W = I)")
     ap.add_argument("--table", action="store_true",
                     help="print the summary table at the end (implies --find-min without --dims)")
     defaults = CompressConfig()
@@ -788,7 +800,8 @@ def main(argv=None):
                 if os.path.exists(path) and not args.force:
                     raise ValueError(f"{path} exists; pass --force to overwrite it")
         jobs = [(p, cfg, dims, find_min, args.out, args.force,
-                 not args.no_progress and args.jobs == 1, args.threads, args.max_ratio)
+                 not args.no_progress and args.jobs == 1, args.threads, args.max_ratio,
+                 args.search_up)
                 for p in args.programs]
         if args.jobs == 1:
             summaries = [_sweep_job(j) for j in jobs]
