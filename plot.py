@@ -329,7 +329,8 @@ def _panel(field):
 
 def _curves(runs, key, x_of, xlabel, title):
     """Lines of the numeric fields of meta[key] (a list of dicts) on loss / accuracy / learning
-    rate / other panels; one colour per run, one line style per field."""
+    rate / other panels; one colour per run, one line style per field (a single run: one colour
+    per field as well)."""
     have = [r for r in runs if isinstance(r.meta.get(key), list) and r.meta[key]
             and all(isinstance(row, dict) for row in r.meta[key])]
     if not have:
@@ -349,7 +350,8 @@ def _curves(runs, key, x_of, xlabel, title):
     styles = ["-", "--", ":", "-."]
     for ax, (kind, lines) in zip(axes[0], panels.items()):
         for r, i, j, f, pts in lines:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[j % 4], color=f"C{i % 10}",
+            colour = f"C{(j if len(have) == 1 else i) % 10}"  # one run: a colour per field
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[j % 4], color=colour,
                     label=f"{r.name}: {f}", marker="o" if len(pts) < 15 else None, ms=3)
         if kind in ("loss", "learning rate") and all(p[1] > 0 for *_, pts in lines for p in pts):
             ax.set_yscale("log")
@@ -357,7 +359,7 @@ def _curves(runs, key, x_of, xlabel, title):
             ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel(xlabel)
         ax.set_title(kind, fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, handlelength=3.5)  # long enough to show each line style
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     return fig

@@ -274,7 +274,8 @@ class Task:
             raise ValueError("empty input: give at least one token")
         if len(seq) > self.max_seq_len:
             raise ValueError(f"input of length {len(seq)} is longer than "
-                             f"max_seq_len={self.max_seq_len}")
+                             f"max_seq_len={self.max_seq_len} (compile with a larger "
+                             "--max-seq-len)")
         for t in seq:
             if t not in self.token_to_id:
                 raise ValueError(f"token {t!r} is not in the vocab {self.vocab}")
@@ -633,6 +634,10 @@ def check(name, model, assembled, task, n_sample=2000, seed=0, show=5):
           f"{max(errors.values()):.2e}")
     print(f"decoded output differs from tracr's: {differ} of {len(inputs)} inputs")
     print(f"wrong against RASP: {len(wrong)} of {len(inputs)} inputs")
+    if wrong and not differ:
+        print("every wrong output is tracr's own (the loaded model equals tracr on every input): "
+              "a miscompilation, not a loading error" + (
+                  "; a larger --mlp-exactness may fix it" if name.startswith("length") else ""))
     fmt = lambda xs: " ".join("-" if x is None else str(x) for x in xs)  # noqa: E731
     for i in wrong[:show]:
         print(f"  input {fmt(inputs[i])} -> model {fmt(decoded[i])}, RASP {fmt(targets[i])}")
@@ -649,7 +654,9 @@ def main(argv=None):
     ap.add_argument("--input", help="one input, tokens separated by spaces")
     ap.add_argument("--out", help="write the run file here (e.g. runs/reverse_tracr.pt)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    ap.add_argument("--check", action="store_true", help="compare every input with RASP")
+    ap.add_argument("--check", action="store_true",
+                    help="compare every input (a sample of 2000 where there are more than "
+                    "20000) with tracr and RASP; exit 1 if any is wrong")
     ap.add_argument("--seed", type=int, default=0, help="sample seed for --check")
     ap.add_argument("--explain", action="store_true",
                     help="print what every block computes, in RASP terms (explain.py)")
