@@ -550,7 +550,9 @@ def draw_graph(info, path=None, ax=None):
         square = ops[n]["kind"] == "Select"
         if square:  # a Select is lighter: it is computed inside its user's head
             colour = tuple(0.55 + 0.45 * c for c in colour)
-        boxes[n] = ax.text(x, y, f"{n}\n{ops[n]['kind']}", ha="center", va="center", fontsize=8,
+        kind = ops[n]["kind"]
+        text = n if kind == n else f"{n}\n{kind}"  # tokens and indices are their own kind
+        boxes[n] = ax.text(x, y, text, ha="center", va="center", fontsize=8,
                            zorder=3, bbox=dict(boxstyle="square,pad=0.35" if square else
                                                "round,pad=0.4", fc=colour, ec="0.3"))
     mid = sum(p[1] for p in pos.values()) / len(pos)
