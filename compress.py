@@ -665,11 +665,7 @@ def plot_summary(summary, path):
     else:
         ax1.axis("off")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    model_lib.save_figure(fig, path)
 
 
 def table(summaries):

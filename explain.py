@@ -579,7 +579,8 @@ def draw_graph(info, path=None, ax=None):
     ax.set_title(f"{info['program']}: RASP graph, coloured by the layer that computes each "
                  "operation (square: Select, done by its user's head)", fontsize=9)
     if path is not None:
-        fig.savefig(path, dpi=130)
+        import model as model_lib
+        model_lib.save_figure(fig, path, dpi=130)
     return fig
 
 

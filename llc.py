@@ -46,7 +46,8 @@ size only; it says nothing about how well the chain has mixed.
 Limitation: for run files the data is every input of the task (or a sample of MAX_ENUMERATE), the
 same for compiled and trained models, not a trained model's own training split.
 
-Compiled (tracr) models output one-hot projections, whose logits have no loss minimum. Before
+Compiled (tracr) models, and compressed ones made from them, output one-hot projections, whose
+logits have no loss minimum. Before
 estimating, `fit_unembedding` fits a scale on W_U (or W_U itself) with everything else frozen, and
 the loss and gradient norm at w0 are printed. The estimate depends on that choice (see --unembed).
 """
@@ -314,9 +315,11 @@ def choose_eps(model, loss_fn, data, *, gamma, nbeta=None, batch_size=256, seed=
     """The largest eps of `grid` at which a short pilot chain neither diverges nor has a MALA
     acceptance below `target` -> (eps, pilots). A step that is too large biases the estimate
     upward and one that is too small never leaves w0, so eps is chosen per model: a compiled
-    model's weights of 100 need a step a thousand times smaller than a trained model's.
+    model's weights of 100 need a step 10-100 times smaller than a trained model's. If no pilot
+    reaches target: the eps of the highest pilot acceptance, with a warning.
     pilots: one (eps, acceptance or 'diverged') per eps tried."""
     pilots = []
+    best = None  # (acceptance, eps) of the healthiest pilot, in case none reaches target
     for eps in sorted(grid, reverse=True):
         try:
             with warnings.catch_warnings():
@@ -330,8 +333,15 @@ def choose_eps(model, loss_fn, data, *, gamma, nbeta=None, batch_size=256, seed=
         pilots.append((eps, r["acceptance"]))
         if r["acceptance"] >= target:
             return eps, pilots
-    raise LLCDiverged(f"no step size in {min(grid):g}..{max(grid):g} gives a pilot acceptance of "
-                      f"{target} or more; give --eps by hand (see --calibrate)")
+        if best is None or r["acceptance"] > best[0]:
+            best = (r["acceptance"], eps)
+    if best is None:
+        raise LLCDiverged(f"every step size in {min(grid):g}..{max(grid):g} diverged; give "
+                          "--eps by hand (see --calibrate)")
+    warnings.warn(f"no step size in {min(grid):g}..{max(grid):g} gives a pilot acceptance of "
+                  f"{target}; taking eps {best[1]:g} (acceptance {best[0]:.3f}, the highest)",
+                  stacklevel=2)
+    return best[1], pilots
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,7 +555,8 @@ def build_parser():
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: small models gain nothing from more)")
     ap.add_argument("--unembed", default="auto", choices=("auto", "scale", "full", "none"),
-                    help="fit before estimating; auto: 'scale' for tracr runs, else 'none'")
+                    help="fit before estimating; auto: 'scale' for tracr and compressed runs "
+                    "(their outputs are one-hot projections), else 'none'")
     ap.add_argument("--scale", type=float, default=None, help="fixed W_U scale (no fit)")
     ap.add_argument("--calibrate", action="store_true",
                     help="print LLC and acceptance over a grid of eps and gamma; store nothing")
@@ -565,7 +576,7 @@ def prepare(path, args):
     data = tuple(t.to(args.device) for t in run_data(task, args.seed))
     loss_fn = sequence_loss(task)
     mode = args.unembed if args.unembed != "auto" else (
-        "scale" if meta["kind"] == "tracr" else "none")
+        "scale" if meta["kind"] in ("tracr", "compressed") else "none")
     if args.scale is not None:
         if not args.scale > 0:
             raise ValueError(f"--scale {args.scale}: must be > 0")
@@ -643,12 +654,8 @@ def write_figure(rows, path):
         ax.set_xlabel("SGLD step (dotted: end of burn-in)")
         ax.set_ylabel("n·β·(L_t − L(w0))")
         ax.legend(fontsize=6)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, ".tmp-" + os.path.basename(path))
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
-    plt.close(fig)
+    import model as model_lib
+    model_lib.save_figure(fig, path)
 
 
 def main(argv=None):

@@ -45,7 +45,6 @@ import argparse
 import hashlib
 import os
 import sys
-import tempfile
 
 import matplotlib
 
@@ -444,24 +443,6 @@ def figure_path(out_dir, program, what, runs):
     return os.path.join(out_dir, f"{program}_{what}_{models}.png")
 
 
-def save_png(fig, path):
-    """Write atomically: a temp file in the same folder, then rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
-                               suffix=".png")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a figure is for sharing
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 1
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -531,7 +512,7 @@ def main(argv=None):
                 fig = plot_named(w, [(r.title, r.cache[w]) for r in have],
                                  f"{task.name}: {w}, input '{' '.join(map(str, seq))}'")
             if fig is not None:
-                save_png(fig, path)
+                model_lib.save_figure(fig, path)
                 written.append(path)
     for e in errors:
         print(f"plot.py: {e}", file=sys.stderr)

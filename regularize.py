@@ -535,11 +535,7 @@ def plot_sweep(program, what, rows, path):
     axes[2].set_title("R^2 to the compiled residual stream")
     axes[2].legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    model_lib.save_figure(fig, path, dpi=120)
 
 
 # ----------------------------------------------------------------------------------------------
