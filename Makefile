@@ -90,7 +90,6 @@ regularize: $(VENV)
 REPORT_PROGRAMS ?= reverse sort hist sort_unique frac_prevs count pair_balance
 REPORT_L1 ?= 1e-4
 REPORT_STEPS ?= 2000
-REPORT_COMPRESS_STEPS ?= 2000  # per fit; make compress uses compress.py's default (4000)
 LLC_FLAGS ?= --chains 2 --draws 300 --burnin 100
 ifeq ($(FORCE),1)
 REDO := redo-always
@@ -109,8 +108,7 @@ runs/%_regularized_report.pt: $(REDO) | runs/%_tracr.pt
 		--quiet
 
 runs/%_compress.done: $(REDO) | runs/%_tracr.pt
-	$(PY) compress.py $* --method projection --find-min --max-ratio 0.5 --steps $(REPORT_COMPRESS_STEPS) \
-		--force --no-progress
+	$(PY) compress.py $* --method projection --find-min --max-ratio 0.5 --force --no-progress
 	touch $@
 
 runs/%_llc.done: $(REDO) | runs/%_trained.pt runs/%_regularized_report.pt runs/%_compress.done
