@@ -77,6 +77,7 @@ class CompressConfig:
     layer_weight: float = 1.0  # tracr's per-block output loss
     pre_weight: float = 0.0  # MLP pre-activation loss (see losses)
     retry_pre_weights: tuple = (1.0,)  # projection: refit a width that missed 100% with these
+    retry_ce: bool = True  # ... and then, for categorical outputs, with the cross-entropy loss
     score_weight: float = 0.0  # attention-score loss (see the docstring)
     output_loss: str = "mse"  # mse | ce | auto (auto: cross-entropy for categorical outputs)
     init_std: float = 0.1  # W's entries ~ N(0, init_std^2); 1/sqrt(d) would be N(0, 1/d)
@@ -335,6 +336,17 @@ def _optimise(params, forward, task, ref, cfg, desc, progress):
     return history
 
 
+def projection_tries(cfg, task):
+    """The settings fit_projection tries in turn at one width, until one gets every input right:
+    cfg itself, cfg with each other pre_weight of retry_pre_weights, and (retry_ce, categorical
+    outputs, cfg's output loss MSE) cfg with the cross-entropy output loss."""
+    out = [cfg] + [replace(cfg, pre_weight=w) for w in cfg.retry_pre_weights
+                   if w != cfg.pre_weight]
+    if cfg.retry_ce and task.output_kind == "categorical" and cfg.output_loss == "mse":
+        out.append(replace(cfg, output_loss="ce"))
+    return out
+
+
 def live_dims(compiled, pad_id=None):
     """[D] bool: residual dimensions that some block or W_U reads and something writes.
 
@@ -513,18 +525,17 @@ def compress_once(compiled, task, ref, d, cfg, progress=True):
     tries = []
     if cfg.method == "projection":
         # One loss does not suit every program (see the docstring): a width that misses 100% is
-        # fitted again with each pre-activation weight of retry_pre_weights; the best fit stays.
-        for pre_weight in [cfg.pre_weight] + [w for w in cfg.retry_pre_weights
-                                              if w != cfg.pre_weight]:
+        # fitted again with each loss of projection_tries; the best fit stays.
+        for try_cfg in projection_tries(cfg, task):
             t_try = time.time()
-            fit = fit_projection(compiled, task, ref, d, replace(cfg, pre_weight=pre_weight),
-                                 progress)
+            fit = fit_projection(compiled, task, ref, d, try_cfg, progress)
             small = compressed_model(compiled, fit[0])
             rep = evaluate(small, task, ref, fit[0])
-            tries.append({"pre_weight": pre_weight, "accuracy": rep["exact"],
-                          "steps": fit[1][-1]["step"], "seconds": time.time() - t_try})
+            tries.append({"pre_weight": try_cfg.pre_weight, "output_loss": try_cfg.output_loss,
+                          "accuracy": rep["exact"], "steps": fit[1][-1]["step"],
+                          "seconds": time.time() - t_try})
             if len(tries) == 1 or rep["exact"] > report["exact"]:
-                (W, history), best_small, report, used = fit, small, rep, pre_weight
+                (W, history), best_small, report, used = fit, small, rep, try_cfg
             if rep["exact"] == 1.0:
                 break
         small = best_small
@@ -546,7 +557,7 @@ def compress_once(compiled, task, ref, d, cfg, progress=True):
     if "direct_cosine" in report:
         meta["direct_cosine"] = report["direct_cosine"]
     if tries:
-        meta["config"]["pre_weight"] = used  # the fit that was kept
+        meta["config"] = asdict(used)  # the settings of the fit that was kept
     return small, W, meta
 
 
@@ -777,6 +788,8 @@ def main(argv=None):
     ap.add_argument("--retry-pre-weights", default=",".join(map(str, defaults.retry_pre_weights)),
                     help="projection: refit a width that missed 100%% with each of these "
                     "--pre-weight values ('' for none)")
+    ap.add_argument("--no-retry-ce", action="store_true",
+                    help="projection: no last try with the cross-entropy output loss")
     ap.add_argument("--score-weight", type=float, default=defaults.score_weight)
     ap.add_argument("--output-loss", default=defaults.output_loss, help="auto | mse | ce")
     ap.add_argument("--init-std", type=float, default=defaults.init_std)
@@ -804,6 +817,7 @@ def main(argv=None):
                              output_loss=args.output_loss, pre_weight=args.pre_weight,
                              retry_pre_weights=parse_floats(args.retry_pre_weights,
                                                             "--retry-pre-weights"),
+                             retry_ce=not args.no_retry_ce,
                              seed=args.seed, device=args.device)
         dims = parse_dims(args.dims) if args.dims else None
         find_min = args.find_min or (args.table and dims is None)
