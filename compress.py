@@ -82,6 +82,7 @@ class CompressConfig:
     pre_weight: float = 0.0  # MLP pre-activation loss (see losses)
     retry_pre_weights: tuple = (1.0,)  # projection: refit a width that missed 100% with these
     retry_ce: bool = True  # ... and then, for categorical outputs, with the cross-entropy loss
+    give_up_below: float = 0.5  # a fit still under this exact match at 3/4 of its steps stops
     score_weight: float = 0.0  # attention-score loss (see the docstring)
     output_loss: str = "mse"  # mse | ce | auto (auto: cross-entropy for categorical outputs)
     init_std: float = 0.1  # W's entries ~ N(0, init_std^2); 1/sqrt(d) would be N(0, 1/d)
@@ -326,6 +327,8 @@ def _optimise(params, forward, task, ref, cfg, desc, progress):
                 best_key, best = key, [p.detach().clone() for p in params]
             if exact == 1.0:
                 break  # every input right: nothing left to gain on the compiled function
+            if step >= 3 * cfg.steps // 4 and best_key[0] < cfg.give_up_below:
+                break  # hopeless (hist d = 8 went from 32% at half time to 100% at 55%)
         if step == cfg.steps:
             break
         r = ref.rows(next(batches))
