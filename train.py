@@ -583,7 +583,7 @@ def build_parser():
     ap.add_argument("--val-fraction", type=float, default=d.val_fraction)
     ap.add_argument("--holdout", type=float, default=d.holdout)
     ap.add_argument("--no-early-stop", action="store_true", help="train all --steps")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--out", help="run file (default runs/PROGRAM_trained.pt)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out")
