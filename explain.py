@@ -31,7 +31,6 @@ Layers are numbered from 0 as in the model's cache (`blocks.0.attn`, `blocks.0.m
 """
 
 import networkx as nx
-import torch
 
 SOURCES = ("tokens", "indices")
 
@@ -206,7 +205,6 @@ def explain(model, task, labels=None, mlp_exactness=None):
     """
     from tracr.compiler import nodes
     from tracr.craft import transformers
-    from tracr.rasp import rasp
 
     if task.program is None:
         raise ValueError(f"task {task.name!r} has no RASP program; explain needs the program the "

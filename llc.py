@@ -52,7 +52,6 @@ estimating, `fit_unembedding` fits a scale on W_U (or W_U itself) with everythin
 the loss and gradient norm at w0 are printed. The estimate depends on that choice (see --unembed).
 """
 
-import argparse
 import math
 import os
 import sys
@@ -63,6 +62,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
+
+import model as model_lib
 
 ACCEPT_LOW, ACCEPT_HIGH = 0.8, 0.999  # healthy band for the MALA acceptance diagnostic
 MAX_ENUMERATE = 4096  # run files: every input if the task has at most this many, else a sample
@@ -531,14 +532,10 @@ def _devinterp(net, data, nbeta, init_loss, seed, eps, gamma, chains, draws, bur
 # Command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 1
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(1)
-
 
 def build_parser():
-    ap = _Parser(description="SGLD estimates of the local learning coefficient of saved runs.")
+    ap = model_lib.ArgParser(
+        description="SGLD estimates of the local learning coefficient of saved runs.")
     ap.add_argument("runs", nargs="+", help="run files (runs/*.pt)")
     ap.add_argument("--eps", default="auto",
                     help="SGLD step size, or 'auto' (default): per run, the largest of "
@@ -568,7 +565,6 @@ def build_parser():
 
 def prepare(path, args):
     """Load a run, fit its unembedding if asked -> (model, loss_fn, data, meta, fit info)."""
-    import model as model_lib
     model, task, meta = model_lib.load(path)
     if task.program is None:
         raise ValueError(f"{path}: its task {task.name!r} has no RASP program, so no targets")
@@ -654,13 +650,11 @@ def write_figure(rows, path):
         ax.set_xlabel("SGLD step (dotted: end of burn-in)")
         ax.set_ylabel("n·β·(L_t − L(w0))")
         ax.legend(fontsize=6)
-    import model as model_lib
     model_lib.save_figure(fig, path)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    import model as model_lib
     try:
         if args.eps != "auto":
             try:
@@ -676,8 +670,7 @@ def main(argv=None):
         if args.threads < 1:
             raise ValueError(f"--threads {args.threads}: must be >= 1")
         torch.set_num_threads(args.threads)
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available; use cpu")
+        model_lib.check_device(args.device)
         if not args.calibrate and os.path.exists(args.figure) and not args.force:
             raise ValueError(f"{args.figure} exists; pass --force to overwrite it")
         for path in args.runs:

@@ -25,8 +25,10 @@ Run files: `save(path, model, task, kind, **meta)` writes a plain dict of tensor
 lists and dicts (readable with torch.load(path, weights_only=True)); `load(path)` reads it back.
 """
 
+import argparse
 import math
 import os
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, fields
 
@@ -336,3 +338,22 @@ def update_meta(path, **entries):
     run = read_run(path)
     run["meta"].update(entries)
     atomic_torch_save(run, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line helpers shared by every script
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse with the repo's error convention: one line on stderr and exit status 1
+    (argparse's default is the usage text and exit status 2)."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def check_device(device):
+    """Raise a one-line ValueError when --device asks for CUDA on a machine without it."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here; use cpu")

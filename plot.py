@@ -41,7 +41,6 @@ may saturate. Attention patterns use the same map on [-1, 1].
 PNGs are named PROGRAM_WHAT_MODELS.png; the paths written are printed at the end.
 """
 
-import argparse
 import hashlib
 import os
 import sys
@@ -443,14 +442,10 @@ def figure_path(out_dir, program, what, runs):
     return os.path.join(out_dir, f"{program}_{what}_{models}.png")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 1
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(1)
-
 
 def main(argv=None):
-    ap = _Parser(description="Figures from saved runs, N models side by side.")
+    ap = model_lib.ArgParser(
+        description="Figures from saved runs, N models side by side.")
     ap.add_argument("runs", nargs="+", help="run files, e.g. runs/*.pt")
     ap.add_argument("--input", help="one input for every model, tokens separated by spaces")
     ap.add_argument("--out", default="figures", help="folder for the PNGs (default figures/)")

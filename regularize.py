@@ -44,7 +44,6 @@ so its threshold is 1.0 and every non-zero compiled weight counts as above it.
 References: Lindner et al. 2023 (tracr); Srivastava et al. 2014 (dropout); Tibshirani 1996 (L1).
 """
 
-import argparse
 import math
 import os
 import sys
@@ -52,7 +51,6 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import model as model_lib
 import train as train_lib
@@ -589,7 +587,8 @@ def bench(programs=("reverse", "sort"), runs_dir="runs"):
 
 
 def build_parser():
-    ap = tl._Parser(description="Train under penalties or dropout; measure compiled-likeness.")
+    ap = model_lib.ArgParser(
+        description="Train under penalties or dropout; measure compiled-likeness.")
     ap.add_argument("program", help="a tracr_load program, e.g. reverse, sort")
     ap.add_argument("--l1-weights", type=float, default=0.0, help="strength a of a*sum|W|")
     ap.add_argument("--l2-weights", type=float, default=0.0, help="strength a of a*sum W^2")
@@ -625,8 +624,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available; use cpu")
+        model_lib.check_device(args.device)
         tl.program_spec(args.program)
         if args.l1_acts is not None and args.l1_acts_strength is None:
             args.l1_acts_strength = 1e-3

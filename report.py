@@ -23,7 +23,6 @@ import sys
 import torch
 
 import model as model_lib
-import tracr_load as tl
 
 PROGRAMS = ("reverse", "sort", "hist", "sort_unique", "frac_prevs", "count", "pair_balance")
 

@@ -25,8 +25,6 @@ def tmp_runs(tmp_path_factory):
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-import numpy as np  # noqa: E402
-
 MODES = [(name, causal) for name in tl.PROGRAMS
          for causal in ((False, True) if tl.PROGRAMS[name].causal_ok else (False,))]
 EXACT = 1e-5  # residual stream agreement with tracr, every stage, every real position
@@ -241,9 +239,6 @@ def test_config_rejects_bad_values():
 
 # ==============================================================================================
 # train.py
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import train as train_lib  # noqa: E402
 
@@ -795,8 +790,6 @@ def test_plot_groups_tasks_and_reads_sweep_and_llc(plot_runs, tmp_path, capsys):
 # llc.py
 
 import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import warnings  # noqa: E402
 
 import llc  # noqa: E402

@@ -21,7 +21,6 @@ Token ids in a Task: BOS = 0, then the vocab in sorted order, then PAD. tracr's 
 (it sorts BOS and PAD among the vocab); `from_tracr` reorders W_E's rows to match.
 """
 
-import argparse
 import functools
 import itertools
 import math
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import model as model_lib
 from model import Config, Transformer
 
 BOS, PAD = "compiler_bos", "compiler_pad"
@@ -583,11 +583,6 @@ def compare_with_tracr(model, assembled, task, inputs, batch_size=1024, jit=True
 # Command line.
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 1 (argparse's default is usage + exit 2)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(1)
-
 
 def parse_vocab(text):
     """'1 2 3' or 'a,b,c' -> tuple; all-integer words become ints."""
@@ -645,7 +640,8 @@ def check(name, model, assembled, task, n_sample=2000, seed=0, show=5):
 
 
 def main(argv=None):
-    ap = _Parser(description="Compile a tracr library program and load it into model.py.")
+    ap = model_lib.ArgParser(
+        description="Compile a tracr library program and load it into model.py.")
     ap.add_argument("program", help="one of: " + ", ".join(PROGRAMS))
     ap.add_argument("--vocab", help="tokens, e.g. 'a b c' or '1,2,3'")
     ap.add_argument("--max-seq-len", type=int)

@@ -565,7 +565,8 @@ def print_compare(name, task, rows, n_train, n_heldout):
 
 
 def build_parser():
-    ap = tl._Parser(description="Train a transformer of the compiled shape on a tracr program.")
+    ap = model_lib.ArgParser(
+        description="Train a transformer of the compiled shape on a tracr program.")
     ap.add_argument("program", help="a tracr_load program, e.g. reverse, sort, hist")
     d = TrainConfig()
     ap.add_argument("--seed", type=int, default=d.seed, help="init, batch order and split")
@@ -607,8 +608,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available; use cpu")
+        model_lib.check_device(args.device)
         cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                           weight_decay=args.weight_decay, seed=args.seed,
                           eval_every=args.eval_every, holdout=args.holdout, warmup=args.warmup,
