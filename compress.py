@@ -53,7 +53,6 @@ function to keep. Accuracy is exact match per sequence: a categorical position i
 argmax is RASP's value, a numerical one when it is within tl.NUMERIC_TOL of it.
 """
 
-import argparse
 import math
 import os
 import sys
@@ -65,7 +64,7 @@ import torch.nn.functional as F
 
 import model as model_lib
 import tracr_load as tl
-from model import Config, Transformer
+from model import Transformer
 
 DEFAULT_PROGRAMS = ("reverse", "sort", "hist", "sort_unique", "frac_prevs", "count",
                     "pair_balance")
@@ -280,7 +279,6 @@ def losses(task, f, r, cfg):
     # this weights each read direction by how much the MLP amplifies interference on it.
     pre = sum(masked_mse(torch.where(b > 0, a, F.relu(a)), b.clamp(min=0), mask)
               for a, b in zip(f["pre"], r["pre"])) / max(len(f["pre"]), 1)
-    layer, score, pre = layer * 1.0, score * 1.0, pre * 1.0
     total = out + cfg.layer_weight * layer + cfg.score_weight * score + cfg.pre_weight * pre
     parts = {"out": out.item(), "layer": float(layer.detach()), "score": float(score.detach()),
              "pre": float(pre.detach())}
@@ -529,7 +527,7 @@ def compress_once(compiled, task, ref, d, cfg, progress=True):
         raise ValueError(f"d={d}: must be between 1 and D={D} for {task.name}")
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    tries = []
+    tries, report = [], None
     if cfg.method == "projection":
         # One loss does not suit every program (see the docstring): a width that misses 100% is
         # fitted again with each loss of projection_tries; the best fit stays.
@@ -541,7 +539,7 @@ def compress_once(compiled, task, ref, d, cfg, progress=True):
             tries.append({"pre_weight": try_cfg.pre_weight, "output_loss": try_cfg.output_loss,
                           "accuracy": rep["exact"], "steps": fit[1][-1]["step"],
                           "seconds": time.time() - t_try})
-            if len(tries) == 1 or rep["exact"] > report["exact"]:
+            if report is None or rep["exact"] > report["exact"]:
                 (W, history), best_small, report, used = fit, small, rep, try_cfg
             if rep["exact"] == 1.0:
                 break
@@ -613,25 +611,20 @@ def sweep(program, cfg, dims=None, find_min=False, out_dir="runs", force=False, 
 
     # Limitation: bisection trusts that accuracy only grows with d; one seed per width, so a
     # width that an unlucky start misses can hide smaller widths that would work.
+    def bisect(lo, hi):
+        """The smallest width in (lo, hi] that fits, given that lo fails and hi works."""
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fit(mid) else (mid, hi)
+        return hi
+
     if find_min:
         top = max(1, min(D, math.ceil(max_ratio * D)))
-        lo, hi = 0, top + 1  # lo fails (d = 0 cannot work); hi: the smallest width that worked
+        hi = top + 1  # the smallest width that worked (none yet)
         if fit(top, keep=True):  # kept even when it fails: it shows how far the search got
-            hi = top
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if fit(mid):
-                    hi = mid
-                else:
-                    lo = mid
+            hi = bisect(0, top)  # d = 0 cannot work
         elif search_up and top < D:
-            lo, hi = top, D  # d = D works: W = I reproduces the compiled model exactly
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if fit(mid):
-                    hi = mid
-                else:
-                    lo = mid
+            hi = bisect(top, D)  # d = D works: W = I reproduces the compiled model exactly
         best = hi if hi <= top or (search_up and hi < D) else None  # D itself: no compression
     else:
         for d in dims:
@@ -740,11 +733,6 @@ def bench():
 # Command line.
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 1
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(1)
-
 
 def parse_dims(text):
     try:
@@ -772,7 +760,8 @@ def _sweep_job(job):
 
 
 def main(argv=None):
-    ap = _Parser(description="Compress a compiled model's residual stream (or expand a trained "
+    ap = model_lib.ArgParser(
+        description="Compress a compiled model's residual stream (or expand a trained "
                              "one) and find the smallest width that keeps every input right.")
     ap.add_argument("programs", nargs="+", help="program name(s): " + ", ".join(DEFAULT_PROGRAMS)
                     + ", ...")
@@ -814,8 +803,7 @@ def main(argv=None):
 
     try:
         torch.set_num_threads(max(args.threads, 1))
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available here; use cpu")
+        model_lib.check_device(args.device)
         for p in args.programs:
             tl.program_spec(p)
         cfg = CompressConfig(method=args.method, steps=args.steps, lr=args.lr,
