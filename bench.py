@@ -72,6 +72,12 @@ def bench_forward(programs=FORWARD_PROGRAMS, batch=1024):
     return rows
 
 
+def fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return "" if v is None else str(v)
+
+
 def format_rows(rows):
     """A plain text table of dict rows (the union of their keys as columns)."""
     if not rows:
@@ -79,12 +85,6 @@ def format_rows(rows):
     cols = []
     for r in rows:
         cols += [k for k in r if k not in cols]
-
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
-        return "" if v is None else str(v)
-
     cells = [[fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
@@ -112,7 +112,13 @@ def main(argv=None):
             rows = module.bench()
         print(f"\n[{section}]\n{format_rows(rows)}", flush=True)
         everything += [dict(section=section, **r) for r in rows]
-    print(f"\n[all benchmarks]\n{format_rows(everything)}")
+    # One table for every section: the columns differ between sections, so each row's figures
+    # are one cell of key=value pairs.
+    summary = [{"section": r["section"], "name": r.get("name", ""),
+                "figures": "  ".join(f"{k}={fmt(v)}" for k, v in r.items()
+                                     if k not in ("section", "name") and v is not None)}
+               for r in everything]
+    print(f"\n[all benchmarks]\n{format_rows(summary)}")
     return 0
 
 
