@@ -699,8 +699,10 @@ def main(argv=None):
                     print(f"{eps:9.3g} {gamma:9.3g} {r['mean']:9.3g} ± {r['std']:<6.2g} "
                           f"{r['acceptance']:7.3f}  {len(r['warnings'])}")
                 continue
-            r = _estimate(model, loss_fn, data, args)
-            for msg in r["warnings"]:
+            with warnings.catch_warnings(record=True) as caught:  # printed once, below
+                warnings.simplefilter("always")
+                r = _estimate(model, loss_fn, data, args)
+            for msg in dict.fromkeys(str(w.message) for w in caught):
                 print(f"  warning: {msg}")
             table.append((path, meta["kind"], model.n_params(), r))
             rows.append((os.path.basename(path), meta["kind"], r))

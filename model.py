@@ -313,7 +313,8 @@ def read_run(path):
     try:
         run = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or holds objects we do not load
-        raise ValueError(f"{path!r} is not a readable run file ({type(e).__name__})") from None
+        raise ValueError(f"{path!r} is not a readable run file: torch.load failed "
+                         f"({type(e).__name__}); is it truncated, or not a torch file?") from None
     if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
         raise ValueError(f"{path!r} is not a run file of this project (no {RUN_FORMAT!r} marker)")
     return run

@@ -616,7 +616,8 @@ def check(name, model, assembled, task, n_sample=2000, seed=0, show=5):
     print(f"{name}: {what}, vocab {task.vocab}, max_seq_len {task.max_seq_len}, "
           f"causal {task.causal}, D = {model.cfg.d_model}")
     errors, decoded, theirs = {}, [], []
-    for start in tqdm(range(0, len(inputs), 512), desc="check", leave=False):
+    for start in tqdm(range(0, len(inputs), 512), desc="check", leave=False,
+                      disable=not sys.stderr.isatty()):
         e, d, t = compare_with_tracr(model, assembled, task, inputs[start:start + 512])
         decoded, theirs = decoded + d, theirs + t
         for k, v in e.items():
