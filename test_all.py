@@ -450,6 +450,31 @@ def test_compress_identity_reproduces_compiled_at_every_layer(name):
     assert compress.accuracy(task, out1, y, valid)[0] == 1.0
 
 
+@pytest.mark.parametrize("name", ["frac_prevs", "count"])
+def test_compress_at_the_stream_span_is_exact_before_any_step(name):
+    """From d = r (the rank of the live compiled stream) up, the fit starts exact: every stage,
+    read back through W, equals the compiled stream on every dimension a block or W_U reads."""
+    compiled, task = tl.load_program(name)
+    ref = compress.Reference(compiled, task)
+    live = compress.live_dims(compiled, task.pad_id)
+    span = compress.stream_span(ref, live)
+    r = len(span)
+    assert r < int(live.sum()) < compiled.cfg.d_model  # one-hot groups are dependent
+    W, history = compress.fit_projection(compiled, task, ref, r, compress.CompressConfig(),
+                                         progress=False)
+    assert history[-1]["step"] == 0 and history[-1]["exact"] == 1.0
+    with torch.no_grad():
+        f = compress.stream_forward(compiled, ref.tokens, ref.mask, W)
+    for small, big in zip(f["resid"], ref.resid):  # [N, T, r] read back vs [N, T, D]
+        err = ((small @ W - big) * live)[ref.mask].abs().max().item()
+        assert err < 1e-4 * max(big.abs().max().item(), 1.0)
+    # One dimension short, W cannot span the stream: the start is no longer exact.
+    W_short = span[:r - 1]
+    with torch.no_grad():
+        g = compress.stream_forward(compiled, ref.tokens, ref.mask, W_short)
+    assert (((g["resid"][0] @ W_short - ref.resid[0]) * live)[ref.mask].abs().max() > 1e-3)
+
+
 def test_compress_saved_model_equals_training_forward(frac_prevs):
     compiled, task = frac_prevs
     tokens, mask = task.encode(task.sample(64, seed=1))
