@@ -78,16 +78,25 @@ def attend(x, allowed, W_qkv, b_qkv, W_O, b_O, H, E):
     """Multi-head attention on x [B, T, D] with Q, K, V of all heads packed in W_qkv [D, 3*H*E].
 
     Returns (out [B, T, D], pattern [B, H, T, T]). Scores are divided by sqrt(E) and set to the
-    lowest float where `allowed` [B, 1, T, T] is False, as tracr does (with -1e30).
+    lowest float where `allowed` [B, 1, T, T] is False, as tracr does (with -1e30). A bias may be
+    None (no bias).
     """
     B, T, D = x.shape
-    qkv = torch.addmm(b_qkv, x.reshape(B * T, D), W_qkv).view(B, T, 3, H, E)
+    qkv = linear(x.reshape(B * T, D), W_qkv, b_qkv).view(B, T, 3, H, E)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, E]
-    scores = q @ k.transpose(-1, -2) / math.sqrt(E)  # [B, H, T, T]
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    pattern = scores.softmax(dim=-1)  # [B, H, T, T]
+    # Scores are built keys first, [B, H, T_key, T_query], and normalised over dim -2: PyTorch's
+    # CPU softmax is 3-4x slower along a last dimension as short as T (6 for reverse).
+    scores_t = k @ q.transpose(-1, -2) / math.sqrt(E)  # [B, H, T, T] (key, query)
+    scores_t = scores_t.masked_fill(~allowed.transpose(-1, -2), torch.finfo(x.dtype).min)
+    pattern = scores_t.softmax(dim=-2).transpose(-1, -2)  # [B, H, T, T] (query, key)
     z = (pattern @ v).transpose(1, 2).reshape(B * T, H * E)  # [B*T, H*E]
-    return torch.addmm(b_O, z, W_O).view(B, T, D), pattern
+    return linear(z, W_O, b_O).view(B, T, D), pattern
+
+
+def linear(x, W, b=None):
+    """x @ W + b for x [N, D_in]; b None skips the bias (addmm copies it into every row first,
+    which costs as much as the product for tracr's narrow matrices, whose biases are all 0)."""
+    return x @ W if b is None else torch.addmm(b, x, W)
 
 
 def pack_qkv(W_Q, W_K, W_V, b_Q, b_K, b_V):
@@ -95,6 +104,11 @@ def pack_qkv(W_Q, W_K, W_V, b_Q, b_K, b_V):
     H, D, E = W_Q.shape
     W = torch.cat([W_Q, W_K, W_V]).permute(1, 0, 2).reshape(D, 3 * H * E)
     return W, torch.cat([b_Q, b_K, b_V]).reshape(3 * H * E)
+
+
+def nonzero(b):
+    """b, or None when every entry is 0 (see linear)."""
+    return b if b.any() else None
 
 
 class Attention(nn.Module):
@@ -214,8 +228,8 @@ class Transformer(nn.Module):
             if mlp is not None:
                 W_in, b_in, W_out, b_out = mlp
                 B, T, D = resid.shape
-                hidden = block.mlp.act(torch.addmm(b_in, block.ln2(resid).reshape(B * T, D), W_in))
-                resid = resid + torch.addmm(b_out, hidden, W_out).view(B, T, D)
+                hidden = block.mlp.act(linear(block.ln2(resid).reshape(B * T, D), W_in, b_in))
+                resid = resid + linear(hidden, W_out, b_out).view(B, T, D)
         return self.ln_final(resid) @ self.W_U + self.b_U  # [B, T, O]
 
     @torch.no_grad()
@@ -235,11 +249,13 @@ class Transformer(nn.Module):
             if len(heads):
                 W, b = pack_qkv(a.W_Q[heads], a.W_K[heads], a.W_V[heads],
                                 a.b_Q[heads], a.b_K[heads], a.b_V[heads])
-                attn = (W, b, a.W_O[heads].reshape(len(heads) * E, -1), a.b_O, len(heads), E)
+                attn = (W, nonzero(b), a.W_O[heads].reshape(len(heads) * E, -1),
+                        nonzero(a.b_O), len(heads), E)
             units = (m.W_out != 0).any(1).nonzero().flatten()  # [live M]
             mlp = None
             if len(units) or (m.b_out != 0).any():
-                mlp = (m.W_in[:, units], m.b_in[units], m.W_out[units], m.b_out)
+                mlp = (m.W_in[:, units], nonzero(m.b_in[units]), m.W_out[units],
+                       nonzero(m.b_out))
             plan.append((attn, mlp))
         self._plan = (key, plan)
         return plan
