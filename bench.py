@@ -26,14 +26,23 @@ SECTIONS = ("forward", "train", "compress", "regularize", "llc", "explain")
 
 def best_time(fn, repeat=20, warmup=3):
     """Median of `repeat` timed calls after `warmup` untimed ones, in seconds."""
+    return median_times([fn], repeat, warmup)[0]
+
+
+def median_times(fns, repeat=50, warmup=5):
+    """Median seconds per call of each fn, timed in alternation (fn 1, fn 2, ..., fn 1, ...), so
+    that every fn runs on the same machine state: on a shared VM the speed of a core drifts, and
+    XLA's worker threads keep spinning for a while after a JAX call."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
 
 
 def bench_forward(programs=FORWARD_PROGRAMS, batch=1024):
@@ -60,7 +69,7 @@ def bench_forward(programs=FORWARD_PROGRAMS, batch=1024):
         def theirs():
             jax.block_until_ready(forward(assembled.params, ids).unembedded_output)
 
-        t_ours, t_jit = best_time(ours), best_time(theirs)
+        t_ours, t_jit = median_times([ours, theirs])
         # tracr's apply runs one sequence at a time: time a few and scale to the batch.
         few = [[tl.BOS] + s for s in inputs[:8]]
         t_apply = best_time(lambda: [assembled.apply(s) for s in few], repeat=3, warmup=1)
