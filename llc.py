@@ -25,7 +25,8 @@ a sequence, n is the number of sequences and the loss is not averaged over posit
 
 Diagnostics: every chain's loss trace, the MALA acceptance rate of a proposal (computed every
 `mala_every` steps on the same minibatch, never used to reject), warnings for a trace that stays
-below L(w0), one still rising at the end, and acceptance outside [ACCEPT_LOW, ACCEPT_HIGH]. A
+below L(w0), one still rising or still falling at the end, and acceptance outside
+[ACCEPT_LOW, ACCEPT_HIGH]. A
 non-finite or exploding chain stops with an LLCDiverged error naming chain and step.
 
 Step size: `python llc.py` picks eps per run by default (`--eps auto`, choose_eps): the largest
@@ -279,6 +280,10 @@ def diagnose(r):
             if rise > max(0.1 * abs(r["per_chain"][c]), 2 * noise):
                 out.append(f"chain {c}: trace still rising at the end (+{rise:.3g} over the "
                            "draws); use a longer burn-in or a larger eps")
+            elif -rise > max(0.1 * abs(r["per_chain"][c]), 2 * noise):
+                out.append(f"chain {c}: trace still falling at the end ({rise:.3g} over the "
+                           "draws): the chain is moving off w0 toward lower loss, so the "
+                           "estimate has not settled; raise gamma or fit w0 closer to a minimum")
     a = r["acceptance"]
     if not ACCEPT_LOW <= a <= ACCEPT_HIGH:
         hint = "try a smaller eps" if a < ACCEPT_LOW else "eps could be larger"
@@ -671,10 +676,10 @@ def main(argv=None):
             raise ValueError(f"--threads {args.threads}: must be >= 1")
         torch.set_num_threads(args.threads)
         model_lib.check_device(args.device)
-        if not args.calibrate and os.path.exists(args.figure) and not args.force:
-            raise ValueError(f"{args.figure} exists; pass --force to overwrite it")
         for path in args.runs:
             model_lib.read_run(path)  # every path readable before the slow part
+        if not args.calibrate and os.path.exists(args.figure) and not args.force:
+            raise ValueError(f"{args.figure} exists; pass --force to overwrite it")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

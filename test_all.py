@@ -942,6 +942,20 @@ def test_llc_warns_when_w0_is_not_a_minimum():
     assert r["mean"] < 0
 
 
+def test_llc_diagnose_flags_rising_and_falling_traces_not_flat_ones():
+    g = torch.Generator().manual_seed(0)
+    noise = 0.01 * torch.randn(1, 400, generator=g)
+    base = dict(nbeta=10.0, init_loss=0.0, burnin=0, chains=1, acceptance=0.95)
+    for trace, expect in ((1.0 + noise, None), (torch.linspace(2.0, 1.0, 400) + noise, "falling"),
+                          (torch.linspace(1.0, 2.0, 400) + noise, "rising")):
+        llc_value = 10.0 * float(trace.mean())
+        msgs = llc.diagnose(dict(base, traces=trace, per_chain=[llc_value]))
+        if expect is None:
+            assert msgs == []
+        else:
+            assert len(msgs) == 1 and f"still {expect}" in msgs[0]
+
+
 @pytest.mark.parametrize("bad", [dict(eps=0.0), dict(eps=-1.0), dict(chains=0),
                                  dict(burnin=-1), dict(nbeta=-2.0)])
 def test_llc_rejects_bad_settings(bad):
@@ -974,9 +988,9 @@ def test_llc_cli_on_a_compiled_run(tmp_runs):
     assert len(again.stderr.strip().splitlines()) == 1
 
 
-def test_llc_cli_bad_input_is_one_line():
-    out = subprocess.run([sys.executable, "llc.py", "runs/no_such_run.pt"], capture_output=True,
-                         text=True)
+def test_llc_cli_bad_input_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "llc.py", "runs/no_such_run.pt", "--figure",
+                          str(tmp_path / "traces.png")], capture_output=True, text=True)
     assert out.returncode == 1 and "does not exist" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
