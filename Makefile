@@ -90,7 +90,7 @@ regularize: $(VENV)
 REPORT_PROGRAMS ?= reverse sort hist sort_unique frac_prevs count pair_balance
 REPORT_L1 ?= 1e-4
 REPORT_STEPS ?= 2000
-LLC_FLAGS ?= --chains 2 --draws 300 --burnin 100
+LLC_FLAGS ?= --chains 2 --draws 300 --burnin 100 --record-diverged
 ifeq ($(FORCE),1)
 REDO := redo-always
 endif

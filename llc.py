@@ -562,6 +562,9 @@ def build_parser():
     ap.add_argument("--scale", type=float, default=None, help="fixed W_U scale (no fit)")
     ap.add_argument("--calibrate", action="store_true",
                     help="print LLC and acceptance over a grid of eps and gamma; store nothing")
+    ap.add_argument("--record-diverged", action="store_true",
+                    help="a run whose chains diverge at every eps gets meta['llc'] = "
+                    "{'diverged': message} and does not make the exit status 1 (make report)")
     ap.add_argument("--figure", default="figures/llc_traces.png")
     ap.add_argument("--force", action="store_true",
                     help="replace an existing meta['llc'] and an existing --figure")
@@ -718,7 +721,14 @@ def main(argv=None):
                 print(f"  {path}: kept its existing meta['llc'] (pass --force to replace it)")
             else:
                 model_lib.update_meta(path, llc=keep)
-        except ValueError as e:  # includes LLCDiverged
+        except LLCDiverged as e:
+            print(f"error: {path}: {e}", file=sys.stderr)
+            if args.record_diverged:  # the run file says so, and the batch goes on
+                if "llc" not in meta or args.force:
+                    model_lib.update_meta(path, llc={"diverged": str(e)})
+            else:
+                status = 1
+        except ValueError as e:
             print(f"error: {path}: {e}", file=sys.stderr)
             status = 1
     if table:

@@ -55,6 +55,8 @@ def fmt_llc(meta):
     r = meta.get("llc")
     if isinstance(r, dict) and "mean" in r:
         return f"{r['mean']:.3g} ± {r['std']:.2g}"
+    if isinstance(r, dict) and "diverged" in r:
+        return "diverged"
     return "-"
 
 

@@ -988,6 +988,22 @@ def test_llc_cli_on_a_compiled_run(tmp_runs):
     assert len(again.stderr.strip().splitlines()) == 1
 
 
+def test_llc_cli_diverged_run_fails_or_is_recorded(tmp_runs):
+    model, task = tl.load_program("reverse")
+    path = str(tmp_runs / "reverse_llc_diverged.pt")
+    model_lib.save(path, model, task, "tracr")
+    cmd = [sys.executable, "llc.py", path, "--chains", "1", "--draws", "20", "--burnin", "0",
+           "--eps", "10", "--figure", str(tmp_runs / "llc_diverged.png"), "--force"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 1 and "diverged at step" in out.stderr
+    assert "llc" not in model_lib.load(path)[2]
+    out = subprocess.run(cmd + ["--record-diverged"], capture_output=True, text=True)
+    assert out.returncode == 0 and "diverged at step" in out.stderr
+    assert "diverged at step" in model_lib.load(path)[2]["llc"]["diverged"]
+    import report
+    assert report.fmt_llc(model_lib.load(path)[2]) == "diverged"
+
+
 def test_llc_cli_bad_input_is_one_line(tmp_path):
     out = subprocess.run([sys.executable, "llc.py", "runs/no_such_run.pt", "--figure",
                           str(tmp_path / "traces.png")], capture_output=True, text=True)
